@@ -1,0 +1,5 @@
+import sys
+
+from memvisor.cli import main
+
+sys.exit(main())
