@@ -1,0 +1,217 @@
+"""The control loop: observe -> plan -> apply -> record, once per interval.
+
+The same loop drives real QEMU VMs and the simulator: it only sees a
+:class:`~memvisor.backends.base.HostBackend`, a policy (``plan(snapshot) -> decisions``) and a
+:class:`~memvisor.backends.base.Clock`. Each tick is isolated: an observation or a plan that
+raises is recorded as a ``loop.error`` event and the tick is skipped; an action that raises or
+fails is recorded with its outcome and the other actions still run. The loop never dies of a
+backend error, only when told to stop.
+
+Observations and decisions are committed before any action is applied, so after a crash the
+record shows what was about to be done; action outcomes are committed right after.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
+
+from memvisor.backends.base import Clock, HostBackend, RealClock
+from memvisor.model import (
+    ActionResult,
+    Decision,
+    PowerState,
+    Snapshot,
+    VMObservation,
+    VMSpec,
+)
+from memvisor.store import Retention, Store, VMExtras
+
+log = logging.getLogger(__name__)
+
+
+class Policy(Protocol):
+    def plan(self, snapshot: Snapshot) -> list[Decision]: ...
+
+
+@runtime_checkable
+class ReportsHostState(Protocol):
+    """A policy that can name the host's free-memory state for a snapshot."""
+
+    def host_state(self, snapshot: Snapshot) -> str: ...
+
+
+@runtime_checkable
+class ReportsEntitlements(Protocol):
+    """A policy that can report each VM's entitlement in bytes for a snapshot."""
+
+    def entitlements(self, snapshot: Snapshot) -> Mapping[str, int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TickReport:
+    tick: int | None  # store id of the tick, None if the tick was skipped
+    decisions: int = 0
+    failed_actions: int = 0
+    error: str | None = None
+    duration: float = 0.0
+
+
+SpecsOverlay = Callable[[list[VMSpec]], list[VMSpec]]
+
+
+def with_reservations(reservations: Mapping[str, int]) -> SpecsOverlay:
+    """An overlay that replaces the configured reservations with live ones (set at run time)."""
+
+    def overlay(specs: list[VMSpec]) -> list[VMSpec]:
+        return [
+            replace(s, reservation=reservations[s.name]) if s.name in reservations else s
+            for s in specs
+        ]
+
+    return overlay
+
+
+class ControlLoop:
+    """Runs ticks against one backend; thread-safe with respect to :attr:`lock`."""
+
+    def __init__(
+        self,
+        backend: HostBackend,
+        policy: Policy,
+        store: Store,
+        clock: Clock,
+        *,
+        interval: float = 1.0,
+        retention: Retention | None = None,
+        specs_overlay: SpecsOverlay | None = None,
+        prune_every: int = 60,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"loop interval must be positive, got {interval}")
+        self.backend, self.policy, self.store, self.clock = backend, policy, store, clock
+        self.interval = interval
+        self.retention = retention or Retention()
+        self.specs_overlay = specs_overlay
+        self.prune_every = prune_every
+        self.lock = threading.RLock()  # held during a tick; changes from the API take it too
+        self.ticks = 0
+        self.last_tick_seconds = 0.0
+        self._power: dict[str, PowerState] = {}
+
+    # --- one tick ------------------------------------------------------------------------
+
+    def tick(self) -> TickReport:
+        started = time.perf_counter()
+        with self.lock:
+            report = self._tick_locked()
+        duration = time.perf_counter() - started
+        self.last_tick_seconds = duration
+        self.ticks += 1
+        if report.tick is not None:
+            self.store.record_tick_duration(report.tick, duration)
+        if self.prune_every and self.ticks % self.prune_every == 0:
+            self._guard("prune", lambda: self.store.prune(self.retention))
+        return replace(report, duration=duration)
+
+    def _tick_locked(self) -> TickReport:
+        try:
+            snapshot = self.observe()
+        except Exception as exc:  # isolation: a failed observation skips this tick only
+            return self._skip("observe", exc)
+        self._record_power_changes(snapshot.vms)
+        try:
+            decisions = list(self.policy.plan(snapshot))
+            state, extras = self._policy_extras(snapshot)
+        except Exception as exc:
+            return self._skip("plan", exc)
+        tick, ids = self.store.record_tick(
+            snapshot.host, state, snapshot.specs, snapshot.vms, decisions, extras
+        )
+        results = [(dec_id, self._apply(d)) for dec_id, d in zip(ids, decisions, strict=True)]
+        self.store.record_actions(results)
+        failed = sum(1 for _, r in results if not r.ok)
+        return TickReport(tick=tick, decisions=len(decisions), failed_actions=failed)
+
+    def observe(self) -> Snapshot:
+        specs = self.backend.specs()
+        if self.specs_overlay is not None:
+            specs = self.specs_overlay(specs)
+        host = self.backend.observe_host()
+        vms = self.backend.observe_vms()
+        return Snapshot(host=host, specs=tuple(specs), vms=tuple(vms))
+
+    def _policy_extras(self, snapshot: Snapshot) -> tuple[str | None, dict[str, VMExtras]]:
+        state = None
+        if isinstance(self.policy, ReportsHostState):
+            state = str(self.policy.host_state(snapshot))
+        extras: dict[str, VMExtras] = {}
+        if isinstance(self.policy, ReportsEntitlements):
+            for name, ent in self.policy.entitlements(snapshot).items():
+                extras[name] = VMExtras(entitlement=int(ent))
+        return state, extras
+
+    def _apply(self, decision: Decision) -> ActionResult:
+        try:
+            return self.backend.apply(decision.action)
+        except Exception as exc:  # isolation: recorded as a failed action, the loop goes on
+            log.warning("action %s failed: %s", decision.action, exc)
+            return ActionResult(decision.action, ok=False, message=f"{type(exc).__name__}: {exc}")
+
+    def _skip(self, phase: str, exc: Exception) -> TickReport:
+        message = f"{phase} failed: {type(exc).__name__}: {exc}"
+        log.warning("tick skipped: %s", message)
+        self._guard("record error", lambda: self.store.record_event("loop.error", message))
+        return TickReport(tick=None, error=message)
+
+    def _record_power_changes(self, vms: tuple[VMObservation, ...]) -> None:
+        seen = {v.name: v.power for v in vms}
+        for name, power in seen.items():
+            before = self._power.get(name)
+            if before is None:
+                self.store.record_event("vm.seen", f"{name}: {power}", vm=name)
+            elif before != power:
+                self.store.record_event("vm.power", f"{name}: {before} -> {power}", vm=name)
+        for name in self._power.keys() - seen.keys():
+            self.store.record_event("vm.gone", f"{name}: no longer reported", vm=name)
+        self._power = seen
+
+    def _guard(self, what: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            log.error("%s failed: %s", what, exc)
+
+    # --- running -------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, max_ticks: int | None = None) -> int:
+        """Tick every ``interval`` seconds of the clock until ``stop`` is set; returns ticks run.
+
+        With the real clock the wait is on ``stop`` itself, so a signal stops the loop at once;
+        with another clock (simulated time) the loop sleeps on the clock between ticks.
+        """
+        count = 0
+        next_at = self.clock.now()
+        while not stop.is_set() and (max_ticks is None or count < max_ticks):
+            self.tick()
+            count += 1
+            next_at += self.interval
+            now = self.clock.now()
+            if next_at < now:  # overran: do not try to catch up with a burst of ticks
+                next_at = now
+            self._wait(stop, next_at - now)
+        return count
+
+    def _wait(self, stop: threading.Event, seconds: float) -> None:
+        if isinstance(self.clock, RealClock):
+            # In slices: a signal delivered to another thread only runs its Python handler
+            # (which sets ``stop``) when the main thread wakes up.
+            deadline = time.monotonic() + seconds
+            while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                stop.wait(min(left, 0.2))
+        else:
+            self.clock.sleep(seconds)
