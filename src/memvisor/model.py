@@ -68,6 +68,13 @@ class SharingSample:
     mean_harmonic: float  # of kpagecount over present pages
     expected_freed_per_page: float  # mean of 1/count = 1 / harmonic mean; 0 if nothing present
     shared_fraction: float  # present pages that are shared (count > 1, KSM or zero page)
+    # Added by memvisor.sharing (defaults keep older producers working):
+    mean_arithmetic: float | None = None  # of kpagecount over frames with a count (>= 1)
+    mean_geometric: float | None = None
+    median: float | None = None
+    ksm_fraction: float = 0.0  # present pages in KSM frames
+    zero_fraction: float = 0.0  # present pages mapping the shared zero page
+    resident_pages: float = 0.0  # estimated present pages in the whole context (ranking ties)
 
 
 @dataclass(frozen=True, slots=True)
