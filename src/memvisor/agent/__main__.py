@@ -1,0 +1,44 @@
+"""``python3 -m memvisor.agent``: run the agent inside a guest (or, for tests, on a host).
+
+By default it finds the virtio-serial port named ``org.memvisor.agent`` under
+/sys/class/virtio-ports; ``--device PATH`` names a port directly, ``--unix PATH`` connects to a
+unix socket instead (reconnecting whenever it drops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from memvisor.agent.guest import UnixClient, VirtioPort, find_port, run
+from memvisor.agent.reserve import ProcPagemap, Reservation
+
+DEFAULT_PORT_NAME = "org.memvisor.agent"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memvisor.agent", description=__doc__)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--port-name", default=DEFAULT_PORT_NAME, help="virtio-serial port name")
+    where.add_argument("--device", help="path of the virtio-serial port device")
+    where.add_argument("--unix", help="connect to this unix socket instead")
+    parser.add_argument("--block-pages", type=int, default=512, help="until the host says")
+    args = parser.parse_args(argv)
+    try:
+        if args.unix:
+            channel: UnixClient | VirtioPort = UnixClient(args.unix)
+        else:
+            channel = VirtioPort(args.device or find_port(args.port_name))
+    except OSError as exc:
+        print(f"memvisor.agent: {exc}", file=sys.stderr)
+        return 1
+    print(f"memvisor.agent: serving on {channel.path}", file=sys.stderr, flush=True)
+    try:
+        run(channel, Reservation(ProcPagemap(), block_pages=args.block_pages))
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
