@@ -1,0 +1,359 @@
+"""The sharing metric (C1): from sampled pages to means of the sharing count, with 95% intervals.
+
+Pure: a :class:`PageSample` holds what the kernel said about each sampled page (the pagemap
+entry, and for present pages the frame's kpagecount and kpageflags); :func:`compute_stats` turns
+it into a :class:`SharingStats`. No I/O here, so the math is tested with synthetic counts.
+
+Which pages count (docs/policy.md, "Sharing metric (C1)", has the derivation):
+- absent and swapped pages are counted apart and never enter the metric;
+- a present page whose frame has kpagecount 0 is the shared zero page (KPF_ZERO_PAGE) or a
+  special mapping the kernel does not count: reclaiming it frees nothing, so it adds 0 to the
+  mean of 1/count (the kernel leaves it out of PSS too) and counts as shared-or-free;
+- the arithmetic and geometric means and the median describe the frames that have a count
+  (kpagecount >= 1); the harmonic mean is ``present / sum(1/count)`` over all present pages,
+  so ``expected_freed_per_page == 1 / mean_harmonic`` always (both 0 / inf when nothing frees).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from memvisor.model import SharingSample
+from memvisor.sharing.procfs import (
+    KPF_KSM,
+    KPF_ZERO_PAGE,
+    PAGEMAP_PRESENT,
+    PAGEMAP_SWAPPED,
+    U64Array,
+    flag_set,
+)
+
+Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, eq=False)
+class PageSample:
+    """What the kernel reported for the sampled pages of one context.
+
+    Arrays are aligned and hold only pages that were present or swapped; absent pages are just
+    counted (``sampled - len(entries)``), so a full scan of a large sparse context stays small.
+    """
+
+    label: str
+    context_pages: int  # pages in the context's address ranges
+    sampled: int  # pages examined (absent ones included)
+    vpns: U64Array  # virtual page numbers of the kept pages
+    entries: U64Array  # their pagemap entries
+    counts: U64Array  # kpagecount of their frames (0 for swapped pages)
+    flags: U64Array  # kpageflags of their frames (0 for swapped pages)
+    pid: int | None = None
+    full_scan: bool = False
+    seed: int | None = None
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def from_counts(
+        cls,
+        counts: list[int] | U64Array,
+        *,
+        flags: list[int] | U64Array | None = None,
+        swapped: int = 0,
+        absent: int = 0,
+        context_pages: int | None = None,
+        label: str = "synthetic",
+    ) -> PageSample:
+        """A sample of present pages with the given counts (for tests and simulations)."""
+        c = np.asarray(counts, dtype=np.uint64)
+        f = np.zeros_like(c) if flags is None else np.asarray(flags, dtype=np.uint64)
+        n = c.size + swapped
+        present = np.full(c.size, PAGEMAP_PRESENT, dtype=np.uint64) | (
+            np.arange(c.size, dtype=np.uint64) + np.uint64(1000)
+        )
+        entries = np.concatenate((present, np.full(swapped, PAGEMAP_SWAPPED, dtype=np.uint64)))
+        sampled = n + absent
+        return cls(
+            label=label,
+            context_pages=sampled if context_pages is None else context_pages,
+            sampled=sampled,
+            vpns=np.arange(n, dtype=np.uint64),
+            entries=entries,
+            counts=np.concatenate((c, np.zeros(swapped, dtype=np.uint64))),
+            flags=np.concatenate((f, np.zeros(swapped, dtype=np.uint64))),
+            full_scan=context_pages is None or sampled >= context_pages,
+        )
+
+    @property
+    def present_mask(self) -> npt.NDArray[np.bool_]:
+        result: npt.NDArray[np.bool_] = (self.entries & np.uint64(PAGEMAP_PRESENT)) != 0
+        return result
+
+    @property
+    def swapped_mask(self) -> npt.NDArray[np.bool_]:
+        result: npt.NDArray[np.bool_] = (self.entries & np.uint64(PAGEMAP_SWAPPED)) != 0
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """A 95% confidence interval."""
+
+    low: float
+    high: float
+
+    def as_list(self) -> list[float | None]:
+        return [_finite_or_none(self.low), _finite_or_none(self.high)]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfidenceIntervals:
+    """95% intervals of each metric; None where the metric is undefined or n < 2."""
+
+    mean_arithmetic: Interval | None = None
+    mean_geometric: Interval | None = None
+    mean_harmonic: Interval | None = None
+    median: Interval | None = None
+    shared_fraction: Interval | None = None
+    ksm_fraction: Interval | None = None
+    zero_fraction: Interval | None = None
+    expected_freed_per_page: Interval | None = None
+
+    def as_dict(self) -> dict[str, list[float | None] | None]:
+        return {
+            name: (None if iv is None else iv.as_list())
+            for name, iv in (
+                ("mean_arithmetic", self.mean_arithmetic),
+                ("mean_geometric", self.mean_geometric),
+                ("mean_harmonic", self.mean_harmonic),
+                ("median", self.median),
+                ("shared_fraction", self.shared_fraction),
+                ("ksm_fraction", self.ksm_fraction),
+                ("zero_fraction", self.zero_fraction),
+                ("expected_freed_per_page", self.expected_freed_per_page),
+            )
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SharingStats:
+    """The sharing metric of one context, with 95% confidence intervals."""
+
+    label: str
+    pid: int | None
+    context_pages: int
+    sampled: int
+    present: int
+    swapped: int
+    absent: int
+    counted: int  # present pages whose frame has a count (kpagecount >= 1)
+    mean_arithmetic: float | None
+    mean_geometric: float | None
+    mean_harmonic: float  # inf when no present page frees anything
+    median: float | None
+    expected_freed_per_page: float  # mean of 1/count over present pages; 0 if none present
+    shared_fraction: float  # present pages shared or free (count != 1, KSM, zero page)
+    ksm_fraction: float
+    zero_fraction: float
+    resident_pages: float  # estimated present pages in the whole context
+    own_pages: float  # estimated sum of 1/count over the context = its PSS in pages
+    full_scan: bool = False
+    seed: int | None = None
+    ci95: ConfidenceIntervals = field(default_factory=ConfidenceIntervals)
+    warnings: tuple[str, ...] = ()
+
+    def statistic(self, stat: str) -> float | None:
+        """The named mean of the counts ("harmonic", "geometric", "arithmetic", "median")."""
+        values = {
+            "harmonic": self.mean_harmonic,
+            "geometric": self.mean_geometric,
+            "arithmetic": self.mean_arithmetic,
+            "median": self.median,
+        }
+        return values[stat]
+
+    def to_model(self) -> SharingSample:
+        """The scheduler's view (:class:`memvisor.model.SharingSample`)."""
+        return SharingSample(
+            sampled=self.sampled,
+            present=self.present,
+            swapped=self.swapped,
+            mean_harmonic=self.mean_harmonic,
+            expected_freed_per_page=self.expected_freed_per_page,
+            shared_fraction=self.shared_fraction,
+            mean_arithmetic=self.mean_arithmetic,
+            mean_geometric=self.mean_geometric,
+            median=self.median,
+            ksm_fraction=self.ksm_fraction,
+            zero_fraction=self.zero_fraction,
+            resident_pages=self.resident_pages,
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON object of ``memvisor sharing --json`` (non-finite numbers become null)."""
+        return {
+            "pid": self.pid,
+            "sampled": self.sampled,
+            "present": self.present,
+            "swapped": self.swapped,
+            "mean_arithmetic": _finite_or_none(self.mean_arithmetic),
+            "mean_geometric": _finite_or_none(self.mean_geometric),
+            "mean_harmonic": _finite_or_none(self.mean_harmonic),
+            "median": _finite_or_none(self.median),
+            "shared_fraction": self.shared_fraction,
+            "ksm_fraction": self.ksm_fraction,
+            "expected_freed_per_page": self.expected_freed_per_page,
+            "ci95": self.ci95.as_dict(),
+            "zero_fraction": self.zero_fraction,
+            "context": self.label,
+            "context_pages": self.context_pages,
+            "resident_pages": round(self.resident_pages, 1),
+            "own_pages": round(self.own_pages, 1),
+            "full_scan": self.full_scan,
+            "seed": self.seed,
+            "warnings": list(self.warnings),
+        }
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def finite_population_factor(sampled: int, population: int) -> float:
+    """sqrt(1 - n/N): sampling without replacement; 0 for a full scan (the value is exact)."""
+    if population <= 0 or sampled >= population:
+        return 0.0
+    return math.sqrt(1.0 - sampled / population)
+
+
+def mean_interval(values: FloatArray, fpc: float) -> Interval | None:
+    """Normal-approximation interval of a mean, with the finite-population correction."""
+    n = values.size
+    if n == 0:
+        return None
+    mean = float(values.mean())
+    if fpc == 0.0:
+        return Interval(mean, mean)
+    if n < 2:
+        return None
+    half = Z95 * float(values.std(ddof=1)) / math.sqrt(n) * fpc
+    return Interval(mean - half, mean + half)
+
+
+def proportion_interval(hits: int, n: int, fpc: float) -> Interval | None:
+    """Wilson score interval; the finite-population correction shrinks it via an effective n."""
+    if n == 0:
+        return None
+    p = hits / n
+    if fpc == 0.0:
+        return Interval(p, p)
+    n_eff = n / (fpc * fpc)
+    z2 = Z95 * Z95
+    denom = 1.0 + z2 / n_eff
+    centre = (p + z2 / (2 * n_eff)) / denom
+    half = Z95 * math.sqrt(p * (1 - p) / n_eff + z2 / (4 * n_eff * n_eff)) / denom
+    low = 0.0 if hits == 0 else max(0.0, centre - half)
+    high = 1.0 if hits == n else min(1.0, centre + half)
+    return Interval(low, high)
+
+
+def median_interval(sorted_values: FloatArray, fpc: float) -> Interval | None:
+    """Distribution-free interval of the median from order statistics (binomial ranks)."""
+    n = sorted_values.size
+    if n == 0:
+        return None
+    med = float(np.median(sorted_values))
+    if fpc == 0.0:
+        return Interval(med, med)
+    half_rank = Z95 * math.sqrt(n) / 2 * fpc
+    lo = max(0, math.floor(n / 2 - half_rank))
+    hi = min(n - 1, math.ceil(n / 2 + half_rank) - 1)
+    return Interval(float(sorted_values[lo]), float(sorted_values[max(lo, hi)]))
+
+
+def _reciprocal_interval(iv: Interval | None) -> Interval | None:
+    """Interval of 1/x from an interval of x > = 0 (x = 0 maps to infinity)."""
+    if iv is None:
+        return None
+    low, high = max(iv.low, 0.0), max(iv.high, 0.0)
+    return Interval(
+        1.0 / high if high > 0 else math.inf,
+        1.0 / low if low > 0 else math.inf,
+    )
+
+
+def compute_stats(sample: PageSample) -> SharingStats:
+    """The metric of one context from its sampled pages."""
+    present_mask = sample.present_mask
+    counts = sample.counts[present_mask]
+    flags = sample.flags[present_mask]
+    present = int(counts.size)
+    swapped = int(sample.swapped_mask.sum())
+    zero = flag_set(flags, KPF_ZERO_PAGE)
+    ksm = flag_set(flags, KPF_KSM)
+    has_count = (counts >= 1) & ~zero
+    real = counts[has_count].astype(np.float64)
+    reciprocal = np.zeros(present, dtype=np.float64)
+    reciprocal[has_count] = 1.0 / real
+    shared = ksm | zero | (counts != 1)
+    fpc = finite_population_factor(sample.sampled, sample.context_pages)
+    scale = sample.context_pages / sample.sampled if sample.sampled else 0.0
+
+    freed = float(reciprocal.mean()) if present else 0.0
+    logs = np.log(real)
+    sorted_real = np.sort(real)
+    freed_iv = mean_interval(reciprocal, fpc)
+    if freed_iv is not None:
+        freed_iv = Interval(max(0.0, freed_iv.low), min(1.0, freed_iv.high))
+    log_iv = mean_interval(logs, fpc)
+    arith_iv = mean_interval(real, fpc)
+    return SharingStats(
+        label=sample.label,
+        pid=sample.pid,
+        context_pages=sample.context_pages,
+        sampled=sample.sampled,
+        present=present,
+        swapped=swapped,
+        absent=sample.sampled - int(sample.entries.size),
+        counted=int(real.size),
+        mean_arithmetic=float(real.mean()) if real.size else None,
+        mean_geometric=float(np.exp(logs.mean())) if real.size else None,
+        mean_harmonic=1.0 / freed if freed > 0 else math.inf,
+        median=float(np.median(sorted_real)) if real.size else None,
+        expected_freed_per_page=freed,
+        shared_fraction=float(shared.mean()) if present else 0.0,
+        ksm_fraction=float(ksm.mean()) if present else 0.0,
+        zero_fraction=float(zero.mean()) if present else 0.0,
+        resident_pages=present * scale,
+        own_pages=float(reciprocal.sum()) * scale,
+        full_scan=sample.full_scan,
+        seed=sample.seed,
+        ci95=ConfidenceIntervals(
+            mean_arithmetic=None
+            if arith_iv is None
+            else Interval(max(1.0, arith_iv.low), arith_iv.high),
+            mean_geometric=None
+            if log_iv is None
+            else Interval(math.exp(log_iv.low), math.exp(log_iv.high)),
+            mean_harmonic=_reciprocal_interval(freed_iv),
+            median=median_interval(sorted_real, fpc),
+            shared_fraction=proportion_interval(int(shared.sum()), present, fpc),
+            ksm_fraction=proportion_interval(int(ksm.sum()), present, fpc),
+            zero_fraction=proportion_interval(int(zero.sum()), present, fpc),
+            expected_freed_per_page=freed_iv,
+        ),
+        warnings=sample.warnings + _small_sample_warning(present, fpc),
+    )
+
+
+def _small_sample_warning(present: int, fpc: float) -> tuple[str, ...]:
+    if fpc == 0.0:
+        return ()
+    if present == 0:
+        return ("no sampled page was present: nothing to measure (sample more pages?)",)
+    if present < 30:
+        return (f"only {present} sampled pages were present: the intervals are rough",)
+    return ()

@@ -1,0 +1,359 @@
+"""Sampling the pages of a context: a process's mappings, or a VM's guest RAM in its QEMU process.
+
+A :class:`Context` is an opened address space (its ``/proc/PID/pagemap``) and the page ranges to
+sample. :meth:`Context.sample` draws K distinct pages uniformly (seeded numpy generator),
+reads their pagemap entries, then the kpagecount and kpageflags of the present frames, every
+file with sorted, coalesced reads. :meth:`Context.scan` reads every page.
+
+Never a wrong number: a process that exits while being sampled (pagemap reads return nothing)
+raises :class:`ContextGoneError`, checked again after the frame reads; PFNs that read as 0
+(not root) raise :class:`PermissionNeededError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+
+from memvisor.errors import (
+    BackendError,
+    InputError,
+    NotFoundError,
+    PermissionNeededError,
+)
+from memvisor.sharing.metric import PageSample, SharingStats, compute_stats
+from memvisor.sharing.procfs import (
+    FRAME_MAX_GAP,
+    PAGEMAP_MAX_GAP,
+    PAGEMAP_PRESENT,
+    PAGEMAP_SWAPPED,
+    SCAN_CHUNK_ENTRIES,
+    EndOfFile,
+    MapsEntry,
+    U64Array,
+    parse_maps,
+    pfns_of,
+    read_entries,
+    read_range,
+    select_mappings,
+)
+from memvisor.units import PAGE_SIZE
+
+NEED_ROOT = "root or CAP_SYS_ADMIN needed"
+
+
+class ContextGoneError(NotFoundError):
+    """The process behind a context exited while it was being sampled."""
+
+
+@dataclass(frozen=True, slots=True)
+class PageRange:
+    """Consecutive virtual pages: ``pages`` pages from virtual page number ``first_vpn``."""
+
+    first_vpn: int
+    pages: int
+
+
+def _check_pid(pid: int) -> None:
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        raise InputError(f"pid: expected a positive process id, got {pid!r}")
+
+
+def _open_proc(pid: int, name: str) -> int:
+    path = f"/proc/{pid}/{name}"
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFoundError(f"no process with PID {pid}") from None
+    except PermissionError:
+        raise PermissionNeededError(
+            f"cannot read {path}: {NEED_ROOT} (or the process's own user with ptrace access)"
+        ) from None
+
+
+def read_maps(pid: int) -> list[MapsEntry]:
+    """The mappings of process ``pid`` (``/proc/PID/maps``)."""
+    _check_pid(pid)
+    fd = _open_proc(pid, "maps")
+    try:
+        with os.fdopen(fd, "r", closefd=True) as f:
+            text = f.read()
+    except ProcessLookupError:
+        raise ContextGoneError(f"process {pid} exited while its maps were read") from None
+    return parse_maps(text, source=f"/proc/{pid}/maps")
+
+
+def check_pfns_visible(entries: U64Array, pid: int | None = None) -> None:
+    """Present pages with PFN 0 mean the kernel hid the PFNs: we lack CAP_SYS_ADMIN.
+
+    (Frame 0 is reserved by firmware: it never backs a process's page.)
+    """
+    present = (entries & np.uint64(PAGEMAP_PRESENT)) != 0
+    if present.any() and not pfns_of(entries[present]).all():
+        who = f"/proc/{pid}/pagemap" if pid is not None else "pagemap"
+        raise PermissionNeededError(
+            f"PFNs read as 0 in {who}: {NEED_ROOT} to see which host pages back the memory"
+        )
+
+
+class FrameFiles:
+    """``/proc/kpagecount`` and ``/proc/kpageflags``, open for reading."""
+
+    def __init__(self) -> None:
+        self.count_fd = self._open("/proc/kpagecount")
+        try:
+            self.flags_fd = self._open("/proc/kpageflags")
+        except BaseException:
+            os.close(self.count_fd)
+            raise
+
+    @staticmethod
+    def _open(path: str) -> int:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError:
+            raise PermissionNeededError(f"cannot read {path}: {NEED_ROOT}") from None
+        except FileNotFoundError:
+            raise BackendError(
+                f"{path} is missing: the host kernel lacks CONFIG_PROC_PAGE_MONITOR"
+            ) from None
+
+    def read(self, pfns: U64Array) -> tuple[U64Array, U64Array]:
+        """(kpagecount, kpageflags) of each frame."""
+        try:
+            counts = read_entries(self.count_fd, pfns, FRAME_MAX_GAP)
+            flags = read_entries(self.flags_fd, pfns, FRAME_MAX_GAP)
+        except EndOfFile as exc:
+            raise BackendError(
+                f"frame {exc.offset // 8} is beyond the end of /proc/kpagecount"
+            ) from None
+        return counts, flags
+
+    def close(self) -> None:
+        os.close(self.count_fd)
+        os.close(self.flags_fd)
+
+
+class Context:
+    """An opened address space: a process's pagemap and the page ranges to sample."""
+
+    def __init__(self, pid: int, ranges: list[PageRange], label: str, pagemap_fd: int) -> None:
+        self.pid = pid
+        self.ranges = tuple(ranges)
+        self.label = label
+        self._fd = pagemap_fd
+        self._first_vpns = np.array([r.first_vpn for r in ranges], dtype=np.uint64)
+        sizes = np.array([r.pages for r in ranges], dtype=np.int64)
+        self._ends = np.cumsum(sizes)  # index just past each range in the concatenated ranges
+        self.total_pages = int(self._ends[-1]) if ranges else 0
+
+    @classmethod
+    def open_process(cls, pid: int, *, all_mappings: bool = False) -> Context:
+        """A process: its private writable and anonymous mappings (or every mapping)."""
+        _check_pid(pid)
+        fd = _open_proc(pid, "pagemap")  # first: it pins the process's mm for the maps read
+        try:
+            chosen = select_mappings(read_maps(pid), all_mappings=all_mappings)
+        except BaseException:
+            os.close(fd)
+            raise
+        ranges = [PageRange(e.start // PAGE_SIZE, e.pages) for e in chosen]
+        kind = "all mappings" if all_mappings else "private writable + anonymous"
+        return cls(pid, ranges, f"pid {pid} ({kind})", fd)
+
+    @classmethod
+    def open_range(cls, pid: int, start: int, length: int) -> Context:
+        """One host-virtual range of a process, e.g. a VM's guest RAM in its QEMU process."""
+        _check_pid(pid)
+        for name, value in (("start", start), ("length", length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"{name}: expected a non-negative byte count, got {value!r}")
+            if value % PAGE_SIZE:
+                raise InputError(f"{name}: {value:#x} is not a multiple of {PAGE_SIZE}")
+        if length == 0:
+            raise InputError("length: the range is empty")
+        fd = _open_proc(pid, "pagemap")
+        try:
+            _require_mapped(read_maps(pid), pid, start, length)
+        except BaseException:
+            os.close(fd)
+            raise
+        label = f"pid {pid} range {start:#x}+{length:#x}"
+        return cls(pid, [PageRange(start // PAGE_SIZE, length // PAGE_SIZE)], label, fd)
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def vpns_of(self, indices: U64Array) -> U64Array:
+        """Virtual page numbers of page indices into the concatenated ranges."""
+        idx = np.asarray(indices, dtype=np.int64)
+        which = np.searchsorted(self._ends, idx, side="right")
+        before = np.concatenate(([0], self._ends[:-1]))[which]
+        result: U64Array = self._first_vpns[which] + (idx - before).astype(np.uint64)
+        return result
+
+    def sample(self, k: int, seed: int | None = None) -> PageSample:
+        """K distinct pages drawn uniformly; K at least the context's size scans every page."""
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise InputError(f"samples: expected a positive number of pages, got {k!r}")
+        if k >= self.total_pages:
+            note = (
+                f"asked for {k} samples but {self.label} has only {self.total_pages} pages: "
+                "scanned every page"
+            )
+            return self.scan(seed=seed, warnings=(note,))
+        seed = secrets.randbits(32) if seed is None else seed
+        rng = np.random.default_rng(seed)
+        indices = np.sort(rng.choice(self.total_pages, size=k, replace=False))
+        vpns = self.vpns_of(indices.astype(np.uint64))
+        entries = self._read_pagemap(vpns)
+        kept = (entries & np.uint64(PAGEMAP_PRESENT | PAGEMAP_SWAPPED)) != 0
+        return self._resolve(vpns[kept], entries[kept], k, full=False, seed=seed, warnings=())
+
+    def scan(self, *, seed: int | None = None, warnings: tuple[str, ...] = ()) -> PageSample:
+        """Every page of the context (full scan)."""
+        if self.total_pages == 0:
+            raise InputError(f"{self.label}: the context has no pages to scan")
+        vpn_parts: list[U64Array] = []
+        entry_parts: list[U64Array] = []
+        for r in self.ranges:
+            for first in range(r.first_vpn, r.first_vpn + r.pages, SCAN_CHUNK_ENTRIES):
+                count = min(SCAN_CHUNK_ENTRIES, r.first_vpn + r.pages - first)
+                chunk = self._read_pagemap_range(first, count)
+                kept = np.flatnonzero(chunk & np.uint64(PAGEMAP_PRESENT | PAGEMAP_SWAPPED))
+                vpn_parts.append(kept.astype(np.uint64) + np.uint64(first))
+                entry_parts.append(chunk[kept])
+        return self._resolve(
+            np.concatenate(vpn_parts),
+            np.concatenate(entry_parts),
+            self.total_pages,
+            full=True,
+            seed=seed,
+            warnings=warnings,
+        )
+
+    def _gone(self) -> ContextGoneError:
+        return ContextGoneError(f"process {self.pid} exited while {self.label} was sampled")
+
+    def _read_pagemap(self, vpns: U64Array) -> U64Array:
+        try:
+            return read_entries(self._fd, vpns, PAGEMAP_MAX_GAP)
+        except EndOfFile:
+            raise self._gone() from None
+        except OSError as exc:
+            raise self._os_error(exc) from None
+
+    def _read_pagemap_range(self, first_vpn: int, count: int) -> U64Array:
+        try:
+            return read_range(self._fd, first_vpn, count)
+        except EndOfFile:
+            raise self._gone() from None
+        except OSError as exc:
+            raise self._os_error(exc) from None
+
+    def _os_error(self, exc: OSError) -> Exception:
+        if exc.errno == errno.ESRCH:
+            return self._gone()
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            return PermissionNeededError(f"reading /proc/{self.pid}/pagemap: {NEED_ROOT}")
+        return BackendError(f"reading /proc/{self.pid}/pagemap: {exc}")
+
+    def _resolve(
+        self,
+        vpns: U64Array,
+        entries: U64Array,
+        sampled: int,
+        *,
+        full: bool,
+        seed: int | None,
+        warnings: tuple[str, ...],
+    ) -> PageSample:
+        """Read the frames behind the present pages, then check the process is still there."""
+        check_pfns_visible(entries, self.pid)
+        counts = np.zeros(entries.size, dtype=np.uint64)
+        flags = np.zeros(entries.size, dtype=np.uint64)
+        present = (entries & np.uint64(PAGEMAP_PRESENT)) != 0
+        frames = FrameFiles()
+        try:
+            counts[present], flags[present] = frames.read(pfns_of(entries[present]))
+        finally:
+            frames.close()
+        # The frames were read after the pagemap: if the process died in between, they may
+        # have been freed and reused, so the counts would describe someone else's memory.
+        self._read_pagemap_range(self.ranges[0].first_vpn, 1)
+        return PageSample(
+            label=self.label,
+            context_pages=self.total_pages,
+            sampled=sampled,
+            vpns=vpns,
+            entries=entries,
+            counts=counts,
+            flags=flags,
+            pid=self.pid,
+            full_scan=full,
+            seed=seed,
+            warnings=warnings,
+        )
+
+
+def _require_mapped(maps: list[MapsEntry], pid: int, start: int, length: int) -> None:
+    """Refuse a range that is not wholly inside the process's mappings."""
+    covered_to = start
+    for e in sorted(maps, key=lambda e: e.start):
+        if e.end <= covered_to:
+            continue
+        if e.start > covered_to:
+            break
+        covered_to = e.end
+        if covered_to >= start + length:
+            return
+    raise InputError(
+        f"range {start:#x}+{length:#x} is not mapped in process {pid} "
+        f"(unmapped from {covered_to:#x}; see /proc/{pid}/maps)"
+    )
+
+
+def sample_process(
+    pid: int,
+    *,
+    samples: int = 10_000,
+    seed: int | None = None,
+    all_mappings: bool = False,
+    full: bool = False,
+) -> SharingStats:
+    """The sharing metric of a process's memory (sampled, or every page with ``full``)."""
+    with Context.open_process(pid, all_mappings=all_mappings) as ctx:
+        return compute_stats(ctx.scan(seed=seed) if full else ctx.sample(samples, seed))
+
+
+def sample_guest_ram(
+    pid: int,
+    start: int,
+    length: int,
+    *,
+    samples: int = 10_000,
+    seed: int | None = None,
+    full: bool = False,
+) -> SharingStats:
+    """The sharing metric of a VM's guest RAM: ``length`` bytes at host-virtual ``start`` in
+    its QEMU process ``pid`` (the backend supplies the range, e.g. from ``gpa2hva``)."""
+    with Context.open_range(pid, start, length) as ctx:
+        return compute_stats(ctx.scan(seed=seed) if full else ctx.sample(samples, seed))
