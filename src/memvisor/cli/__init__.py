@@ -24,6 +24,7 @@ from memvisor.statedir import default_state_dir
 COMMAND_MODULES: tuple[str, ...] = (
     "memvisor.cli.sharing",
     # "memvisor.cli.pools",
+    "memvisor.cli.image",
 )
 
 
