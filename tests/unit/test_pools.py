@@ -15,7 +15,9 @@ GiB = 2**30
 
 def test_issue_api_example() -> None:
     t = PoolTree(capacity=4 * 2**30)
-    t.add_pool("prod", parent="root", reservation=2**30, limit=None, shares="normal", expandable=True)
+    t.add_pool(
+        "prod", parent="root", reservation=2**30, limit=None, shares="normal", expandable=True
+    )
     t.add_vm("web1", pool="prod", memory=2**29, reservation=2**28, limit=None, shares="normal")
     t.power_on("web1")
     assert (t.reserved("prod"), t.unreserved("prod")) == (2**28, 2**30 - 2**28)
@@ -90,7 +92,9 @@ def test_refusal_message_names_object_field_and_numbers() -> None:
     t.power_on("db")
     with pytest.raises(AdmissionError) as err:
         t.power_on("web1")
-    assert str(err.value) == "power-on web1: pool prod (fixed) has 256 MiB unreserved, needs 512 MiB"
+    assert (
+        str(err.value) == "power-on web1: pool prod (fixed) has 256 MiB unreserved, needs 512 MiB"
+    )
     assert err.value.exit_code == 3
 
 
