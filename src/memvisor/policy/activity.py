@@ -1,0 +1,75 @@
+"""Active-memory estimates: sampled working-set fractions smoothed by two moving averages.
+
+Each VM's sampled active fraction feeds a fast and a slow exponentially weighted moving
+average; the estimate is the larger of the two. When a VM's working set grows, the fast average
+follows within seconds and wins; when it shrinks, the slow average still remembers the larger
+set and wins, so memory is taken away from a VM only after it has stayed idle for a while
+(respond fast to growth, slowly to decay — the rule ESX uses for its idle memory tax).
+
+Time comes only from the observations: weights depend on the seconds between two samples, so
+the estimate does not depend on how often the policy runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memvisor.errors import InputError
+
+
+@dataclass(frozen=True, slots=True)
+class ActivitySettings:
+    fast_half_life: float = 10.0  # seconds for the fast average to forget half of the past
+    slow_half_life: float = 120.0
+    unknown: float = 1.0  # assumed active fraction before any sample (1: no idle tax)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fast_half_life <= self.slow_half_life:
+            raise InputError(
+                "activity: need 0 < fast_half_life <= slow_half_life, got "
+                f"{self.fast_half_life} and {self.slow_half_life}"
+            )
+        if not 0.0 <= self.unknown <= 1.0:
+            raise InputError(f"activity.unknown must be in [0, 1], got {self.unknown}")
+
+
+@dataclass(slots=True)
+class _Averages:
+    time: float
+    fast: float
+    slow: float
+
+
+def ewma_weight(dt: float, half_life: float) -> float:
+    """Weight of a new sample that arrives ``dt`` seconds after the previous one."""
+    return float(1.0 - 0.5 ** (max(dt, 0.0) / half_life))
+
+
+class ActivityEstimator:
+    """Per-VM fast/slow moving averages of the sampled active fraction."""
+
+    def __init__(self, settings: ActivitySettings | None = None) -> None:
+        self.settings = settings or ActivitySettings()
+        self._avg: dict[str, _Averages] = {}
+
+    def update(self, vm: str, time: float, sample: float | None) -> float:
+        """Feed one sample (None: no sample this time) and return the current estimate."""
+        if sample is not None:
+            sample = min(max(float(sample), 0.0), 1.0)  # the guest-side estimate is untrusted
+            avg = self._avg.get(vm)
+            if avg is None:
+                self._avg[vm] = _Averages(time, sample, sample)
+            elif time > avg.time:
+                dt = time - avg.time
+                s = self.settings
+                avg.fast += ewma_weight(dt, s.fast_half_life) * (sample - avg.fast)
+                avg.slow += ewma_weight(dt, s.slow_half_life) * (sample - avg.slow)
+                avg.time = time
+        return self.estimate(vm)
+
+    def estimate(self, vm: str) -> float:
+        avg = self._avg.get(vm)
+        return self.settings.unknown if avg is None else max(avg.fast, avg.slow)
+
+    def forget(self, vm: str) -> None:
+        self._avg.pop(vm, None)

@@ -1,0 +1,179 @@
+"""Per-VM balloon controller: steer the balloon toward a target while the guest stays healthy.
+
+The scheduler says how large each VM's balloon (or reservation program, C2) should be; this
+controller moves the real target there in steps, and refuses to hurt the guest:
+
+- Target guest conditions: the guest pages out reserved pages (the reservation program's
+  pressure signal) slower than ``reserved_pageout_limit``, its own paging stays below
+  ``guest_paging_limit``, and its free memory stays above a floor.
+- Tracking: each step closes a fraction ``gain`` of the error (at least the dead band, never
+  more than the error), bounded by a rate in bytes per second. An error within the dead band is
+  left alone, so targets do not jitter.
+- Floor: an inflation step never takes more than the guest's free memory above the floor; if
+  free memory is already under the floor, the balloon deflates by the shortfall.
+- Back-off: when a paging signal exceeds its limit, the balloon releases a fraction
+  ``backoff`` of its size (multiplicative decrease) and does not inflate again for ``hold``
+  seconds. The step is marked ``limited`` so the scheduler shifts the reclamation to other VMs
+  or, in HARD and LOW states, to the VM's swap file.
+
+Stability (``docs/policy.md`` has the argument): with a constant target and a guest that can
+give the memory, the error shrinks by a factor (1 - gain) per step until it is inside the dead
+band, then nothing moves. It never overshoots the target (each step is at most the error) and
+never inflates past the floor (each step is at most the headroom above it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from memvisor.errors import InputError
+from memvisor.model import VMObservation, VMSpec
+from memvisor.units import MiB
+
+
+@dataclass(frozen=True, slots=True)
+class BalloonSettings:
+    gain: float = 0.5
+    max_inflate_rate: int = 128 * MiB  # bytes per second
+    max_deflate_rate: int = 256 * MiB
+    dead_band: int = 4 * MiB
+    guest_free_floor: float = 0.05  # of the guest's memory
+    guest_free_floor_min: int = 16 * MiB
+    reserved_pageout_limit: float = 32.0  # reserved pages paged out by the guest, pages/s
+    guest_paging_limit: float = 256.0  # the guest's own swap-out rate, pages/s
+    backoff: float = 0.25  # fraction of the balloon released when a limit is exceeded
+    hold: float = 30.0  # seconds without inflating after a back-off
+    nominal_tick: float = 1.0  # seconds assumed before the second observation
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.gain <= 1.0:
+            raise InputError(f"balloon.gain must be in (0, 1], got {self.gain}")
+        if not 0.0 < self.backoff <= 1.0:
+            raise InputError(f"balloon.backoff must be in (0, 1], got {self.backoff}")
+        for name in ("max_inflate_rate", "max_deflate_rate", "dead_band", "guest_free_floor_min"):
+            if getattr(self, name) < 0:
+                raise InputError(f"balloon.{name} must not be negative")
+        if not 0.0 <= self.guest_free_floor < 1.0:
+            raise InputError(
+                f"balloon.guest_free_floor must be in [0, 1), got {self.guest_free_floor}"
+            )
+
+    def floor(self, memory: int) -> int:
+        """Guest free memory below which the balloon must not push the guest."""
+        return max(int(self.guest_free_floor * memory), self.guest_free_floor_min)
+
+
+@dataclass(frozen=True, slots=True)
+class BalloonStep:
+    target: int  # the balloon size to ask for now
+    limited: bool  # guest conditions stopped it short of the desired size
+    note: str  # why, in words, for the decision's reason
+
+
+@dataclass(slots=True)
+class _VMState:
+    last_time: float
+    hold_until: float = -math.inf
+
+
+def guest_squeezed(vm: VMObservation, s: BalloonSettings) -> str:
+    """Why the guest is outside its target paging conditions ('' when it is inside)."""
+    why = []
+    if vm.reserved_paged_out_rate > s.reserved_pageout_limit:
+        why.append(
+            f"guest pages out reserved pages at {vm.reserved_paged_out_rate:.0f}/s"
+            f" > {s.reserved_pageout_limit:.0f}/s"
+        )
+    if vm.guest_swapped_out_rate > s.guest_paging_limit:
+        why.append(
+            f"guest swaps out {vm.guest_swapped_out_rate:.0f} pages/s"
+            f" > {s.guest_paging_limit:.0f}/s"
+        )
+    return "; ".join(why)
+
+
+def expected_guest_free(vm: VMObservation) -> int | None:
+    """Guest free memory once the balloon reaches its current target: an inflation still in
+    flight will take it from the guest's free memory, so it must not be counted twice."""
+    if vm.guest_free is None:
+        return None
+    return vm.guest_free - max(vm.balloon_target - vm.ballooned, 0)
+
+
+class BalloonController:
+    """One controller for all VMs; keeps each VM's hold timer between calls."""
+
+    def __init__(self, settings: BalloonSettings | None = None) -> None:
+        self.settings = settings or BalloonSettings()
+        self._vm: dict[str, _VMState] = {}
+
+    def step(self, vm: VMObservation, spec: VMSpec, desired: int, now: float) -> BalloonStep:
+        """Next balloon target for ``vm`` given the size the scheduler would like."""
+        s = self.settings
+        st = self._vm.get(vm.name)
+        dt = s.nominal_tick if st is None else max(now - st.last_time, 0.0)
+        if st is None:
+            st = self._vm[vm.name] = _VMState(now)
+        st.last_time = now
+        cur = max(vm.balloon_target, 0)
+        cap = max(spec.memory - spec.reservation, 0)  # the reservation is never ballooned
+        desired = min(max(desired, 0), cap)
+        floor = s.floor(spec.memory)
+        free = expected_guest_free(vm)
+        squeezed = guest_squeezed(vm, s)
+        if squeezed:
+            st.hold_until = now + s.hold
+            return self._back_off(free, cur, floor, dt, f"{squeezed}: back off")
+        if free is not None and free < floor:
+            return self._back_off(
+                free, cur, floor, dt, f"guest free {_mib(free)} < floor {_mib(floor)}"
+            )
+        if cur > cap:
+            return BalloonStep(cap, False, f"balloon above memory - reservation {_mib(cap)}")
+        return self._track(free, st, cur, desired, floor, dt, now)
+
+    def _back_off(self, free: int | None, cur: int, floor: int, dt: float, why: str) -> BalloonStep:
+        s = self.settings
+        release = max(int(s.backoff * cur), s.dead_band)
+        if free is not None:
+            release = max(release, floor - free)
+        release = min(release, int(s.max_deflate_rate * dt), cur)
+        return BalloonStep(cur - release, True, why)
+
+    def _track(
+        self,
+        free: int | None,
+        st: _VMState,
+        cur: int,
+        desired: int,
+        floor: int,
+        dt: float,
+        now: float,
+    ) -> BalloonStep:
+        s = self.settings
+        err = desired - cur
+        if abs(err) <= s.dead_band:
+            return BalloonStep(cur, False, "within dead band")
+        step = min(max(math.ceil(s.gain * abs(err)), s.dead_band), abs(err))
+        if err < 0:
+            return BalloonStep(cur - min(step, int(s.max_deflate_rate * dt)), False, "deflate")
+        if now < st.hold_until:
+            return BalloonStep(cur, True, f"holding for {st.hold_until - now:.0f} s after back-off")
+        step = min(step, int(s.max_inflate_rate * dt))
+        if free is not None:
+            headroom = free - floor
+            if step > headroom:
+                room = max(headroom, 0)
+                target = cur + room if room >= s.dead_band else cur
+                return BalloonStep(
+                    target, True, f"guest free {_mib(free)} near floor {_mib(floor)}"
+                )
+        return BalloonStep(cur + step, False, "inflate")
+
+    def forget(self, vm: str) -> None:
+        self._vm.pop(vm, None)
+
+
+def _mib(b: int) -> str:
+    return f"{b / MiB:.0f} MiB"

@@ -1,0 +1,77 @@
+"""Which VM gives memory first: share-aware victim choice (C1).
+
+Only VMs above their entitlement give. Among them, the VM where reclaiming frees the most host
+memory per reclaimed page goes first: reclaiming a page whose host frame is shared c ways frees
+1/c of a frame, so a VM's expected yield per page is the mean of 1/c over its sampled pages
+(``SharingSample.expected_freed_per_page``, i.e. 1 / harmonic mean of the counts). Ties go to
+the VM with the lowest shares-per-page ratio (the idle memory tax's order), then to the larger
+excess. Without a sample, the yield is estimated from the VM's shared bytes, assuming a shared
+frame is shared two ways, and the decision says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from memvisor.model import VMObservation
+
+MIN_YIELD = 0.01  # a VM whose pages free almost nothing still counts as freeing a little
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    name: str
+    excess: int  # bytes held above entitlement (> 0)
+    freed_per_page: float  # expected host frames freed per reclaimed page, 0..1
+    statistic: str  # how freed_per_page was obtained, for reasons
+    ratio: float  # shares per MiB of taxed memory at the entitlement
+
+    def describe(self) -> str:
+        return f"expected freed/page {self.freed_per_page:.2f} ({self.statistic})"
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """A victim's part of a reclamation: bytes to reclaim and host bytes that should free."""
+
+    candidate: Candidate
+    reclaim: int
+    expected_freed: int
+
+
+def expected_yield(vm: VMObservation) -> tuple[float, str]:
+    """(expected host memory freed per reclaimed page, the statistic that says so)."""
+    s = vm.sharing
+    if s is not None and s.present > 0:
+        y = min(max(s.expected_freed_per_page, 0.0), 1.0)
+        return y, f"1/harmonic mean of sharing counts over {s.present} sampled pages"
+    if vm.consumed > 0:
+        shared = min(max(vm.shared, 0), vm.consumed) / vm.consumed
+        return 1.0 - shared / 2, f"estimated from {shared:.0%} shared bytes, no sample"
+    return 1.0, "no sample, nothing shared"
+
+
+def order(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """Highest yield first; then lowest ratio; then largest excess; then name (deterministic)."""
+    return sorted(candidates, key=lambda c: (-c.freed_per_page, c.ratio, -c.excess, c.name))
+
+
+def split(ordered: Iterable[Candidate], need: int) -> list[Share]:
+    """Take ``need`` bytes of host memory from the victims in order: each gives up to its
+    excess; a page of victim i frees ``freed_per_page`` of a page, so freeing b bytes costs it
+    b / freed_per_page reclaimed bytes."""
+    shares: list[Share] = []
+    left = need
+    for c in ordered:
+        if left <= 0:
+            break
+        y = max(c.freed_per_page, MIN_YIELD)
+        take = min(c.excess, math.ceil(left / y))
+        if take <= 0:
+            continue
+        freed = int(take * y)
+        shares.append(Share(c, take, freed))
+        left -= freed
+    return shares
