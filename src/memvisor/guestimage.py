@@ -45,10 +45,16 @@ AGENT_PORT_NAME = "org.memvisor.agent.0"
 SHELL_PORT_NAME = "org.memvisor.shell.0"
 READY_MARKER = "memvisor-guest: ready"
 DEFAULT_MODULES = ("virtio_pci", "virtio_balloon", "virtio_console", "zram")
-# Imported besides what the agent needs, so test programs can use them.
+# Imported besides what the agent needs, so test programs can use them; some (locale, gettext,
+# linecache, tokenize) are imported lazily by argparse and traceback, which an import probe
+# cannot see.
 BASE_STDLIB = (
     "runpy", "json", "os", "sys", "struct", "time", "hashlib", "ctypes", "mmap", "socket",
     "select", "selectors", "signal", "errno", "argparse", "zlib", "base64", "random",
+    "locale", "gettext", "textwrap", "shutil", "traceback", "linecache", "tokenize", "warnings",
+    "statistics", "secrets", "dataclasses", "typing", "enum", "contextlib", "functools",
+    "collections", "pathlib", "tempfile", "subprocess", "threading", "queue", "logging",
+    "datetime", "string", "fnmatch", "glob", "copy", "heapq", "bisect", "fractions", "decimal",
     "encodings.utf_8", "encodings.latin_1", "encodings.ascii", "encodings.aliases",
 )  # fmt: skip
 GUEST_PYTHONPATH = "/opt/memvisor"
