@@ -18,17 +18,19 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from memvisor.backends.base import Clock, HostBackend, RealClock
 from memvisor.model import (
     ActionResult,
     Decision,
+    HostState,
     PowerState,
     Snapshot,
     VMObservation,
     VMSpec,
 )
+from memvisor.policy.states import FreeMemoryStates, StateThresholds
 from memvisor.store import Retention, Store, VMExtras
 
 log = logging.getLogger(__name__)
@@ -36,20 +38,6 @@ log = logging.getLogger(__name__)
 
 class Policy(Protocol):
     def plan(self, snapshot: Snapshot) -> list[Decision]: ...
-
-
-@runtime_checkable
-class ReportsHostState(Protocol):
-    """A policy that can name the host's free-memory state for a snapshot."""
-
-    def host_state(self, snapshot: Snapshot) -> str: ...
-
-
-@runtime_checkable
-class ReportsEntitlements(Protocol):
-    """A policy that can report each VM's entitlement in bytes for a snapshot."""
-
-    def entitlements(self, snapshot: Snapshot) -> Mapping[str, int]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +62,12 @@ def with_reservations(reservations: Mapping[str, int]) -> SpecsOverlay:
         ]
 
     return overlay
+
+
+def thresholds_of(policy: object) -> StateThresholds:
+    """The policy's free-memory thresholds (the scheduler's settings), else the defaults."""
+    found = getattr(getattr(policy, "settings", None), "thresholds", None)
+    return found if isinstance(found, StateThresholds) else StateThresholds()
 
 
 class ControlLoop:
@@ -102,6 +96,7 @@ class ControlLoop:
         self.ticks = 0
         self.last_tick_seconds = 0.0
         self._power: dict[str, PowerState] = {}
+        self._states = FreeMemoryStates(thresholds_of(policy))
 
     # --- one tick ------------------------------------------------------------------------
 
@@ -146,14 +141,24 @@ class ControlLoop:
         return Snapshot(host=host, specs=tuple(specs), vms=tuple(vms))
 
     def _policy_extras(self, snapshot: Snapshot) -> tuple[str | None, dict[str, VMExtras]]:
-        state = None
-        if isinstance(self.policy, ReportsHostState):
-            state = str(self.policy.host_state(snapshot))
+        """The host state and entitlements the policy worked with in its last plan.
+
+        Read duck-typed, as the memvisor scheduler exposes them (``states.state``,
+        ``last_allocation.entitlement``); for a policy without states (the baselines), the
+        loop tracks the free-memory state itself with the default thresholds, for display.
+        """
+        reported = getattr(getattr(self.policy, "states", None), "state", None)
+        if isinstance(reported, HostState):
+            state = reported
+        else:
+            state = self._states.update(snapshot.host.free, snapshot.host.total)[1]
+        entitlement = getattr(getattr(self.policy, "last_allocation", None), "entitlement", None)
         extras: dict[str, VMExtras] = {}
-        if isinstance(self.policy, ReportsEntitlements):
-            for name, ent in self.policy.entitlements(snapshot).items():
-                extras[name] = VMExtras(entitlement=int(ent))
-        return state, extras
+        if isinstance(entitlement, Mapping):
+            for v in snapshot.vms:
+                if v.name in entitlement:
+                    extras[v.name] = VMExtras(entitlement=int(entitlement[v.name]))
+        return str(state), extras
 
     def _apply(self, decision: Decision) -> ActionResult:
         try:

@@ -347,8 +347,12 @@ class Store:
             [after_id, *params, limit],
         )
 
-    def recent_events(self, limit: int = 20) -> list[Row]:
-        rows = self._rows("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
+    def recent_events(self, limit: int = 20, vm: str | None = None) -> list[Row]:
+        """The latest ``limit`` events, oldest first."""
+        where, params = ("WHERE vm = ?", [vm]) if vm else ("", [])
+        rows = self._rows(
+            f"SELECT * FROM events {where} ORDER BY id DESC LIMIT ?", [*params, limit]
+        )
         return rows[::-1]
 
     def hits(self, limit: int = 50, vm: str | None = None) -> list[Row]:

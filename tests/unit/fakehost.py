@@ -15,6 +15,7 @@ from memvisor.model import (
     ActionResult,
     Decision,
     HostObservation,
+    HostState,
     PowerState,
     SetBalloon,
     Snapshot,
@@ -77,17 +78,30 @@ class FakeHost:
         return ActionResult(action, ok=False, message="unsupported in the fake host")
 
 
+@dataclass
+class _States:
+    state: HostState = HostState.HIGH
+
+
+@dataclass
+class _Allocation:
+    entitlement: dict[str, int]
+
+
 class StepBalloonPolicy:
-    """Balloons every VM by 64 MiB more each tick, with a reason; reports state/entitlement."""
+    """Balloons every VM by 64 MiB more each tick, with a reason. Like the memvisor scheduler,
+    it exposes the state and entitlements of its last plan as ``states.state`` and
+    ``last_allocation.entitlement``."""
+
+    def __init__(self) -> None:
+        self.states = _States()
+        self.last_allocation: _Allocation | None = None
 
     def plan(self, snapshot: Snapshot) -> list[Decision]:
+        half = snapshot.host.free > snapshot.host.total // 2
+        self.states.state = HostState.HIGH if half else HostState.SOFT
+        self.last_allocation = _Allocation({s.name: s.memory // 2 for s in snapshot.specs})
         return [
             Decision(SetBalloon(v.name, v.balloon_target + 64 * MiB), f"{v.name}: test step")
             for v in snapshot.vms
         ]
-
-    def host_state(self, snapshot: Snapshot) -> str:
-        return "high" if snapshot.host.free > snapshot.host.total // 2 else "soft"
-
-    def entitlements(self, snapshot: Snapshot) -> dict[str, int]:
-        return {s.name: s.memory // 2 for s in snapshot.specs}

@@ -14,6 +14,7 @@ from memvisor.backends.base import ManualClock, RealClock
 from memvisor.errors import BackendError
 from memvisor.loop import ControlLoop, with_reservations
 from memvisor.model import Decision, PowerState, Snapshot
+from memvisor.policy import get_policy
 from memvisor.store import Retention, Store
 from memvisor.units import GiB, MiB
 
@@ -149,3 +150,24 @@ def test_backend_error_type_is_kept_in_message(fake: FakeHost, store: Store) -> 
     ControlLoop(fake, StepBalloonPolicy(), store, fake.clock).tick()
     (row,) = [d for d in store.decisions() if d["vm"] == "b"]
     assert row["message"].startswith(BackendError.__name__)
+
+
+def test_real_scheduler_state_and_entitlements_are_recorded(fake: FakeHost, store: Store) -> None:
+    fake.total = 2 * GiB + 256 * MiB  # a and b consume 1.5 GiB: free 0.75 GiB of 2.25 (high)
+    loop = ControlLoop(fake, get_policy("memvisor"), store, fake.clock)
+    loop.tick()
+    host = store.latest_host()
+    assert host is not None and host["state"] == "high"
+    ent = {r["vm"]: r["entitlement"] for r in store.latest_vms()}
+    assert all(isinstance(e, int) and e > 0 for e in ent.values()), ent
+    assert ent["b"] >= 256 * MiB  # never below the reservation
+
+
+def test_baseline_policy_gets_the_state_from_the_loop(fake: FakeHost, store: Store) -> None:
+    fake.total = GiB + 600 * MiB  # 1.5 GiB consumed: free 100 MiB of 1.6 GiB = 6.1% -> high
+    loop = ControlLoop(fake, get_policy("none"), store, fake.clock)
+    loop.tick()
+    assert (store.latest_host() or {})["state"] == "high"
+    fake.total = GiB + 530 * MiB  # free 30 MiB: 1.96% < 2% -> hard (one step: hard, not low)
+    loop.tick()
+    assert (store.latest_host() or {})["state"] == "hard"
