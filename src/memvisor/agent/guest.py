@@ -69,7 +69,9 @@ class Agent:
         except p.ProtocolError as exc:
             self._error(None, exc.code, str(exc))
             return
-        if isinstance(msg, p.Welcome):
+        if isinstance(msg, p.Greet):
+            self.connected()
+        elif isinstance(msg, p.Welcome):
             self._welcome(msg)
         elif not self.welcomed:
             self._error(getattr(msg, "id", None), "order", "request before welcome")
@@ -126,12 +128,12 @@ class Agent:
     def _send_pages(
         self, re: int | None, reason: str, add: list[p.PageRange], remove: list[p.PageRange]
     ) -> None:
-        for chunk in p.chunked(remove):
-            if chunk:
-                self.send(p.encode(p.Pages(re, reason, (), tuple(chunk))))
-        for chunk in p.chunked(add):
-            if chunk:
-                self.send(p.encode(p.Pages(re, reason, tuple(chunk), ())))
+        adds, removes = p.chunked(add), p.chunked(remove)
+        for i in range(max(len(adds), len(removes))):  # a move's two halves travel together
+            a = tuple(adds[i]) if i < len(adds) else ()
+            r = tuple(removes[i]) if i < len(removes) else ()
+            if a or r:
+                self.send(p.encode(p.Pages(re, reason, a, r)))
 
     def _done(self, re: int, requested: int, achieved: int) -> None:
         r = self.reservation

@@ -121,6 +121,13 @@ class Ping:
 
 
 @dataclass(frozen=True, slots=True)
+class Greet:
+    """Host -> guest: say hello again (the agent missed that the host side reconnected)."""
+
+    TYPE: ClassVar[str] = "greet"
+
+
+@dataclass(frozen=True, slots=True)
 class Pages:
     """Guest -> host: pages the agent now holds (``add``) or no longer holds (``remove``)."""
 
@@ -179,11 +186,16 @@ class Stats:
     vmstat: Mapping[str, int] = field(default_factory=dict)
 
 
-HostMessage = Welcome | Reserve | Release | Query | Ping
+HostMessage = Welcome | Reserve | Release | Query | Ping | Greet
 GuestMessage = Hello | Pages | Done | Error | PageOut | Stats
 Message = HostMessage | GuestMessage
-HOST_TYPES: dict[str, type[Any]] = {m.TYPE: m for m in (Welcome, Reserve, Release, Query, Ping)}
+HOST_TYPES: dict[str, type[Any]] = {
+    m.TYPE: m for m in (Welcome, Reserve, Release, Query, Ping, Greet)
+}
 GUEST_TYPES: dict[str, type[Any]] = {m.TYPE: m for m in (Hello, Pages, Done, Error, PageOut, Stats)}
+
+
+_ALL_TYPES = {**HOST_TYPES, **GUEST_TYPES}
 
 
 # --- field validators -----------------------------------------------------------------------
@@ -306,6 +318,7 @@ _SCHEMAS: dict[type[Any], dict[str, Check]] = {
     Release: {"id": _ID, "pages": _int(1, MAX_PAGES)},
     Query: {"id": _ID},
     Ping: {"id": _ID},
+    Greet: {},
     Pages: {
         "re": _opt_int(1, MAX_REQUEST_ID),
         "reason": _word(*PAGE_REASONS),
@@ -424,8 +437,7 @@ def encode(msg: Message) -> bytes:
     for f in fields(msg):
         obj[f.name] = _plain(getattr(msg, f.name))
     line = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
-    if len(line) >= MAX_LINE_BYTES:
-        raise ProtocolError("limit", f"{msg.TYPE}: encoded message of {len(line)} bytes")
+    decode(line, _ALL_TYPES)  # the peer's checks, here: never send what it must refuse
     return line + b"\n"
 
 
