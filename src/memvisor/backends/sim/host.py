@@ -1,0 +1,381 @@
+"""SimHost: a simulated host with many VMs behind the :class:`HostBackend` interface.
+
+Time moves only in :meth:`SimHost.step`, which advances the :class:`ManualClock` by one tick:
+
+1. each VM's reservation program moves toward its balloon target and the hypervisor swaps
+   pages out toward each VM's resident limit (within this tick's rate budgets);
+2. each VM's workload touches its pages: faults are served (first touch, guest swap-in,
+   page-cache re-read, host swap-in, copy-on-write) and their latencies become stall time;
+   the VM's throughput is its touches divided by (tick + stall);
+3. the sharing scanner merges pages of equal content;
+4. the working-set sampler updates each VM's active-fraction estimate.
+
+When a fault needs a frame and the host has none free, the host kernel reclaims: it swaps
+the least recently used pages (sampled approximate LRU) of VMs above their reservation to
+their own swap files. So frames used never exceed host frames, with or without a policy.
+``apply`` acts at once within the current tick's budgets; the rest follows in ``step``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from memvisor.backends.base import ManualClock
+from memvisor.backends.sim import guest, observe
+from memvisor.backends.sim.config import SimHostConfig, SimVMConfig
+from memvisor.backends.sim.pages import (
+    G_KERNEL,
+    PRIVATE,
+    SHARED,
+    SWAPPED,
+    PageTable,
+    uniq,
+)
+from memvisor.backends.sim.scanner import Scanner
+from memvisor.backends.sim.validate import check_setup
+from memvisor.backends.sim.vm import K_COMMON, K_UNIQUE, K_ZERO, ContentUniverse, TickStats, VMRun
+from memvisor.backends.sim.workload import draw, kernel_touches
+from memvisor.errors import InputError, NotFoundError
+from memvisor.model import (
+    Action,
+    ActionResult,
+    HostObservation,
+    SetBalloon,
+    SetKsm,
+    SetSwapTarget,
+    VMObservation,
+    VMSpec,
+)
+from memvisor.units import PAGE_SIZE, format_size
+
+IntArray = observe.IntArray
+
+
+def _stable_seed(*parts: object) -> int:
+    return zlib.crc32("\x1f".join(str(p) for p in parts).encode())
+
+
+class SimHost:
+    """A simulated host; implements :class:`memvisor.backends.base.HostBackend`."""
+
+    def __init__(
+        self,
+        host: SimHostConfig,
+        vms: Sequence[SimVMConfig],
+        *,
+        seed: int = 0,
+        tick: float = 1.0,
+        clock: ManualClock | None = None,
+    ) -> None:
+        check_setup(host, vms, tick)
+        self.cfg = host
+        self.seed = seed
+        self.dt = tick
+        self.clock = clock if clock is not None else ManualClock()
+        self.tick = 0
+        self.rng = np.random.default_rng([seed, 1])
+        self.obs_rng = np.random.default_rng([seed, 2])
+        self.ksm_run = host.ksm_run
+        self.ksm_pages_to_scan = host.ksm_pages_to_scan
+        self.ksm_sleep = host.ksm_sleep_millisecs
+        slots, universes, kernel_bases = self._content_layout(vms)
+        self.pt = PageTable([v.memory // PAGE_SIZE for v in vms], host.memory // PAGE_SIZE, slots)
+        self.vms = [self._make_vm(i, c, universes, kernel_bases) for i, c in enumerate(vms)]
+        self._by_name = {v.name: v for v in self.vms}
+        self.scanner = Scanner(self.pt, np.array([c.merge for c in vms], dtype=np.bool_))
+        for vm in self.vms:
+            self._boot(vm)
+            self._reset_tick(vm)
+
+    # --- construction ----------------------------------------------------------------------
+
+    def _content_layout(
+        self, vms: Sequence[SimVMConfig]
+    ) -> tuple[int, dict[tuple[str, str], ContentUniverse], dict[str, int]]:
+        """Content slots: 0 is the zero page; then each image's kernel pages; then each
+        (image, workload) universe of logical pages."""
+        next_slot = 1
+        kernel_bases: dict[str, int] = {}
+        for image in sorted({v.image for v in vms}):
+            kernel_bases[image] = next_slot
+            next_slot += max(v.guest.kernel // PAGE_SIZE for v in vms if v.image == image)
+        universes: dict[tuple[str, str], ContentUniverse] = {}
+        for key in sorted({(v.image, v.workload.name) for v in vms}):
+            members = [v for v in vms if (v.image, v.workload.name) == key]
+            size = max((v.workload.footprint + v.workload.page_cache) // PAGE_SIZE for v in members)
+            wl = members[0].workload
+            u = np.random.default_rng([self.seed, _stable_seed(*key)]).random(size)
+            kinds = np.full(size, K_UNIQUE, dtype=np.uint8)
+            kinds[u < wl.zero_fraction + wl.common_fraction] = K_COMMON
+            kinds[u < wl.zero_fraction] = K_ZERO
+            universes[key] = ContentUniverse(base=next_slot, kinds=kinds)
+            next_slot += size
+        return next_slot, universes, kernel_bases
+
+    def _make_vm(
+        self,
+        index: int,
+        cfg: SimVMConfig,
+        universes: dict[tuple[str, str], ContentUniverse],
+        kernel_bases: dict[str, int],
+    ) -> VMRun:
+        rng = np.random.default_rng([self.seed, 3, _stable_seed(cfg.name)])
+        anon = cfg.workload.footprint // PAGE_SIZE
+        return VMRun(
+            index=index,
+            cfg=cfg,
+            offset=int(self.pt.offsets[index]),
+            pages=cfg.memory // PAGE_SIZE,
+            kernel_pages=cfg.guest.kernel // PAGE_SIZE,
+            anon_pages=anon,
+            cache_pages=cfg.workload.page_cache // PAGE_SIZE,
+            universe=universes[(cfg.image, cfg.workload.name)],
+            kernel_base=kernel_bases[cfg.image],
+            rng=rng,
+            sample_rng=np.random.default_rng([self.seed, 4, _stable_seed(cfg.name)]),
+            ws_order=rng.permutation(anon).astype(np.int64),
+        )
+
+    def _boot(self, vm: VMRun) -> None:
+        """Kernel pages, then the workload's anonymous memory and page cache, touched once
+        "long ago" (so they are the oldest pages for every LRU)."""
+        pt = self.pt
+        kernel = np.arange(vm.offset, vm.offset + vm.kernel_pages, dtype=np.int64)
+        done = self.fault_in(vm, kernel)
+        pt.content[done] = vm.kernel_base + (done - vm.offset)
+        pt.use[kernel] = G_KERNEL
+        logical = np.arange(vm.anon_pages + vm.cache_pages, dtype=np.int64)
+        g = guest.alloc(self, vm, logical.size)
+        guest.place(self, vm, logical[: g.size], g)
+        touched = np.flatnonzero(pt.last_access[vm.sl] == self.tick) + vm.offset
+        pt.last_access[touched] = -1
+        pt.last_write[touched] = -1
+
+    # --- host memory -------------------------------------------------------------------------
+
+    def fault_in(self, vm: VMRun, g: IntArray) -> IntArray:
+        """Back pages ``g`` of ``vm`` (unique) with frames of their own; return those done
+        (all, unless the host cannot free enough memory)."""
+        pt = self.pt
+        if g.size == 0:
+            return g
+        pt.last_access[g] = self.tick  # protects them from the reclaim below
+        need = pt.frames_needed(g)
+        if need > pt.free_frames():
+            headroom = int(self.cfg.reclaim_headroom * pt.capacity)
+            self._host_reclaim(need - pt.free_frames() + headroom)
+        free = pt.free_frames()
+        if need > free:
+            needing = np.flatnonzero(pt.state[g] != PRIVATE)
+            drop = needing[max(0, free) :]
+            vm.stats.blocked += int(drop.size)
+            g = np.delete(g, drop)
+        pt.set_state(g, PRIVATE, vm.index)
+        return g
+
+    def _host_reclaim(self, frames: int) -> None:
+        """The host kernel frees ``frames`` frames by swapping the least recently used pages
+        of VMs above their reservations to their swap files (sampled approximate LRU)."""
+        pt = self.pt
+        target = pt.free_frames() + frames
+        for attempt in range(6):
+            short = target - pt.free_frames()
+            if short <= 0:
+                return
+            victims = self._lru_victims(short, full=attempt >= 4)
+            if victims.size == 0 and attempt >= 4:
+                return
+            pt.set_state(victims, SWAPPED)
+
+    def _lru_victims(self, n: int, *, full: bool) -> IntArray:
+        pt = self.pt
+        if full:
+            cand = np.flatnonzero((pt.state == PRIVATE) | (pt.state == SHARED))
+        else:
+            m = min(pt.total_pages, max(8 * n, 65536))
+            cand = uniq(self.rng.integers(0, pt.total_pages, m))
+            st = pt.state[cand]
+            cand = cand[(st == PRIVATE) | (st == SHARED)]
+        cand = cand[pt.last_access[cand] < self.tick]
+        resident = pt.counts[:, PRIVATE] + pt.counts[:, SHARED]
+        allowance = np.maximum(0, resident - [v.reservation_pages for v in self.vms])
+        cand = cand[allowance[pt.vm_of(cand)] > 0]
+        if cand.size > n:
+            cand = cand[np.argpartition(pt.last_access[cand], n - 1)[:n]]
+        return observe.cap_per_vm(pt, cand, allowance)
+
+    def _swap_step(self, vm: VMRun) -> None:
+        """Hypervisor swapping toward the VM's resident limit (never below its reservation)."""
+        if vm.resident_limit is None:
+            return
+        pt = self.pt
+        resident = int(pt.counts[vm.index, PRIVATE] + pt.counts[vm.index, SHARED])
+        limit = max(vm.resident_limit, vm.reservation_pages)
+        k = min(resident - limit, vm.swap_budget)
+        if k <= 0:
+            return
+        st = pt.state[vm.sl]
+        cand = np.flatnonzero((st == PRIVATE) | (st == SHARED)) + vm.offset
+        if self.cfg.swap_victims == "lru":
+            victims = guest._oldest(pt.last_access, cand, k)
+        else:
+            victims = np.sort(vm.rng.choice(cand, size=k, replace=False))
+        pt.set_state(victims, SWAPPED, vm.index)
+        vm.swap_budget -= k
+
+    # --- time --------------------------------------------------------------------------------
+
+    def step(self, dt: float | None = None) -> None:
+        """Advance the host by one tick of ``dt`` seconds (default: the configured tick)."""
+        dt = self.dt if dt is None else dt
+        if dt <= 0:
+            raise InputError(f"tick must be positive, got {dt}")
+        self.tick += 1
+        t = self.clock.now()
+        for vm in self.vms:
+            guest.balloon_step(self, vm)
+            self._swap_step(vm)
+        for vm in self.vms:
+            logical, writes = draw(vm, t, dt, self.cfg.max_accesses_per_tick)
+            self._access(vm, logical, writes)
+            self._kernel_access(vm, kernel_touches(vm, dt))
+        if self.ksm_run == 1:
+            n = self.scanner.pages_this_tick(self.ksm_pages_to_scan, self.ksm_sleep, dt)
+            self.scanner.scan(n, self.tick, self.cfg.ksm_stable_ticks)
+        for vm in self.vms:
+            observe.sample_active(self, vm, dt)
+            vm.demand = vm.stats.accesses / dt
+            vm.throughput = vm.stats.accesses / (dt + vm.stats.stall)
+            self._reset_tick(vm, dt)
+        self.clock.advance(dt)
+
+    def _reset_tick(self, vm: VMRun, dt: float | None = None) -> None:
+        dt = self.dt if dt is None else dt
+        vm.last, vm.stats = vm.stats, TickStats()
+        vm.balloon_budget = int(self.cfg.balloon_rate * dt) // PAGE_SIZE
+        vm.swap_budget = int(self.cfg.swap_out_rate * dt) // PAGE_SIZE
+
+    def _access(self, vm: VMRun, logical: IntArray, writes: np.ndarray) -> None:
+        pt, cfg = self.pt, self.cfg
+        vm.stats.accesses += int(logical.size)
+        g = vm.l2g[logical]
+        hit = g[g >= 0]
+        pt.last_access[hit] = self.tick
+        host_swapped = uniq(hit[pt.state[hit] == SWAPPED])
+        done = self.fault_in(vm, host_swapped)
+        vm.stats.host_swap_ins += int(done.size)
+        vm.stats.stall += done.size * cfg.swap_in_latency
+        missing = uniq(logical[g < 0])
+        if missing.size:
+            free = guest.alloc(self, vm, missing.size)
+            vm.stats.blocked += int(missing.size - free.size)
+            guest.place(self, vm, missing[: free.size], free)
+        if np.any(writes):
+            self._write(vm, uniq(logical[writes]))
+        vm.stats.stall += vm.stats.blocked * cfg.blocked_cost
+
+    def _write(self, vm: VMRun, logical: IntArray) -> None:
+        pt = self.pt
+        g = vm.l2g[logical]
+        g = g[g >= 0]
+        cow = g[pt.state[g] == SHARED]
+        done = self.fault_in(vm, cow)
+        vm.stats.stall += done.size * self.cfg.cow_cost
+        g = g[pt.state[g] == PRIVATE]
+        pt.content[g] = pt.new_unique(g.size)
+        pt.last_write[g] = self.tick
+
+    def _kernel_access(self, vm: VMRun, g: IntArray) -> None:
+        if g.size == 0:
+            return
+        self.pt.last_access[g] = self.tick
+        done = self.fault_in(vm, g[self.pt.state[g] == SWAPPED])
+        vm.stats.host_swap_ins += int(done.size)
+        vm.stats.stall += done.size * self.cfg.swap_in_latency
+
+    # --- HostBackend ---------------------------------------------------------------------------
+
+    def vm(self, name: str) -> VMRun:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            known = ", ".join(sorted(self._by_name)) or "none"
+            raise NotFoundError(f"no simulated VM named {name!r} (VMs: {known})") from None
+
+    def specs(self) -> list[VMSpec]:
+        return [observe.spec_of(vm) for vm in self.vms]
+
+    def observe_host(self) -> HostObservation:
+        return observe.host_observation(self)
+
+    def observe_vms(self) -> list[VMObservation]:
+        return [observe.vm_observation(self, vm) for vm in self.vms]
+
+    def apply(self, action: Action) -> ActionResult:
+        before = self.pt.frames_used()
+        if isinstance(action, SetBalloon):
+            message = self._set_balloon(action)
+        elif isinstance(action, SetSwapTarget):
+            message = self._set_swap_target(action)
+        elif isinstance(action, SetKsm):
+            message = self._set_ksm(action)
+        else:
+            raise InputError(f"the simulator cannot apply {action!r}")
+        if message.startswith("refused"):
+            return ActionResult(action=action, ok=False, message=message)
+        freed = max(0, before - self.pt.frames_used()) * PAGE_SIZE
+        return ActionResult(action=action, ok=True, achieved=freed, message=message)
+
+    def _set_balloon(self, a: SetBalloon) -> str:
+        vm = self.vm(a.vm)
+        if a.target < 0:
+            raise InputError(f"{a.vm}: balloon target must not be negative, got {a.target}")
+        most = vm.cfg.memory - vm.cfg.reservation
+        if a.target > most:
+            return (
+                f"refused: {a.vm}: balloon target {format_size(a.target)} exceeds memory "
+                f"minus reservation ({format_size(most)}); nothing changed"
+            )
+        vm.balloon_target = a.target // PAGE_SIZE
+        guest.balloon_step(self, vm)
+        return f"{a.vm}: balloon target {format_size(a.target)}"
+
+    def _set_swap_target(self, a: SetSwapTarget) -> str:
+        vm = self.vm(a.vm)
+        if a.resident_limit < 0:
+            raise InputError(f"{a.vm}: resident limit must not be negative, got {a.resident_limit}")
+        limit = max(a.resident_limit, vm.cfg.reservation)
+        vm.resident_limit = None if limit >= vm.cfg.memory else limit // PAGE_SIZE
+        self._swap_step(vm)
+        note = " (raised to the reservation)" if limit > a.resident_limit else ""
+        return f"{a.vm}: resident limit {format_size(limit)}{note}"
+
+    def _set_ksm(self, a: SetKsm) -> str:
+        if a.run not in (0, 1, 2):
+            raise InputError(f"ksm run must be 0, 1 or 2, got {a.run}")
+        if a.pages_to_scan is not None and a.pages_to_scan < 0:
+            raise InputError(f"ksm pages_to_scan must not be negative, got {a.pages_to_scan}")
+        if a.sleep_millisecs is not None and a.sleep_millisecs < 1:
+            raise InputError(f"ksm sleep_millisecs must be >= 1, got {a.sleep_millisecs}")
+        self.ksm_run = a.run
+        if a.pages_to_scan is not None:
+            self.ksm_pages_to_scan = a.pages_to_scan
+        if a.sleep_millisecs is not None:
+            self.ksm_sleep = a.sleep_millisecs
+        if a.run == 2:
+            self._unmerge_all()
+        return f"ksm run={self.ksm_run} pages_to_scan={self.ksm_pages_to_scan}"
+
+    def _unmerge_all(self) -> None:
+        for vm in self.vms:
+            shared = np.flatnonzero(self.pt.state[vm.sl] == SHARED) + vm.offset
+            self.fault_in(vm, shared)
+
+    # --- checks ---------------------------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Every conservation invariant, recomputed from the page arrays; [] when all hold."""
+        return self.pt.check() + [p for vm in self.vms for p in observe.check_vm(self, vm)]
