@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from memvisor.cli import main
 from memvisor.errors import BackendError, InputError, PermissionNeededError
@@ -107,6 +109,21 @@ def test_coalesce_runs_merges_small_gaps_only() -> None:
     assert coalesce_runs(idx, max_gap=0).lengths.tolist() == [2, 1, 2, 1]
 
 
+@given(
+    st.sets(st.integers(min_value=0, max_value=5000), min_size=1, max_size=300),
+    st.integers(min_value=0, max_value=64),
+)
+def test_coalesced_runs_cover_each_index_once(indices: set[int], gap: int) -> None:
+    idx = np.array(sorted(indices), dtype=np.uint64)
+    runs = coalesce_runs(idx, max_gap=gap)
+    pairs = zip(runs.starts.tolist(), runs.lengths.tolist(), strict=True)
+    covered = np.concatenate([np.arange(s, s + n, dtype=np.uint64) for s, n in pairs])
+    assert covered.size == runs.total_entries
+    assert np.array_equal(covered[runs.positions], idx)  # every index found where expected
+    between = runs.starts[1:] - (runs.starts[:-1] + runs.lengths[:-1])
+    assert (between > gap).all()  # runs are split only where the gap is too wide
+
+
 def test_read_entries_from_a_real_file(tmp_path: Path) -> None:
     values = np.arange(10_000, dtype=np.uint64) * np.uint64(7) + np.uint64(1 << 60)
     path = tmp_path / "entries"
@@ -128,6 +145,15 @@ def test_context_maps_indices_to_pages_of_each_range() -> None:
     assert ctx.total_pages == 6
     got = ctx.vpns_of(np.arange(6, dtype=np.uint64))
     assert got.tolist() == [100, 101, 102, 1000, 1001, 50]
+
+
+@pytest.mark.parametrize(
+    ("start", "length", "message"),
+    [(4096, 0, "empty"), (4097, 4096, "not a multiple"), (-4096, 4096, "non-negative")],
+)
+def test_guest_ram_range_arguments_are_checked_first(start: int, length: int, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        Context.open_range(os.getpid(), start, length)
 
 
 def test_pfns_hidden_from_unprivileged_readers_are_detected() -> None:

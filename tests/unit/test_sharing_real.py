@@ -309,6 +309,11 @@ nobody = pwd.getpwnam("nobody")
 os.setgid(nobody.pw_gid)
 os.setuid(nobody.pw_uid)
 ctypes.CDLL(None).prctl(4, 1)  # PR_SET_DUMPABLE: our own /proc/self files stay readable
+from memvisor.sharing.sampler import FrameFiles
+try:
+    FrameFiles()
+except PermissionNeededError as exc:
+    print(exc)
 try:
     sample_process(os.getpid(), samples=200, seed=1)
 except PermissionNeededError as exc:
@@ -326,8 +331,11 @@ def test_without_privileges_pfns_read_as_zero_and_we_say_so() -> None:
         [sys.executable, "-c", NONROOT], capture_output=True, text=True, timeout=50
     )
     assert out.returncode == 4, out.stdout + out.stderr
-    assert "PFNs read as 0" in out.stdout
-    assert "root or CAP_SYS_ADMIN needed" in out.stdout
+    frames_refused, pfns_hidden = out.stdout.splitlines()
+    assert frames_refused.startswith("cannot read /proc/kpagecount")
+    assert "PFNs read as 0" in pfns_hidden
+    assert "root or CAP_SYS_ADMIN needed" in frames_refused
+    assert "root or CAP_SYS_ADMIN needed" in pfns_hidden
 
 
 # --- CLI and ranking on real processes ------------------------------------------------------

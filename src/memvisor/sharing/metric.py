@@ -285,66 +285,85 @@ def _reciprocal_interval(iv: Interval | None) -> Interval | None:
     )
 
 
+@dataclass(frozen=True, eq=False)
+class _PresentPages:
+    """The present pages of a sample, split into the classes the metric needs."""
+
+    counts: U64Array
+    zero: npt.NDArray[np.bool_]  # KPF_ZERO_PAGE
+    ksm: npt.NDArray[np.bool_]  # KPF_KSM
+    real: FloatArray  # counts of frames that have one (c >= 1, not the zero page)
+    reciprocal: FloatArray  # 1/c per present page; 0 where the frame has no count
+
+    @classmethod
+    def of(cls, sample: PageSample) -> _PresentPages:
+        mask = sample.present_mask
+        counts, flags = sample.counts[mask], sample.flags[mask]
+        zero = flag_set(flags, KPF_ZERO_PAGE)
+        has_count = (counts >= 1) & ~zero
+        real = counts[has_count].astype(np.float64)
+        reciprocal = np.zeros(counts.size, dtype=np.float64)
+        reciprocal[has_count] = 1.0 / real
+        return cls(counts, zero, flag_set(flags, KPF_KSM), real, reciprocal)
+
+    @property
+    def shared(self) -> npt.NDArray[np.bool_]:
+        result: npt.NDArray[np.bool_] = self.ksm | self.zero | (self.counts != 1)
+        return result
+
+
+def _fraction(mask: npt.NDArray[np.bool_]) -> float:
+    return float(mask.mean()) if mask.size else 0.0
+
+
+def _intervals(pages: _PresentPages, fpc: float) -> ConfidenceIntervals:
+    n = int(pages.counts.size)
+    freed = mean_interval(pages.reciprocal, fpc)
+    if freed is not None:
+        freed = Interval(max(0.0, freed.low), min(1.0, freed.high))
+    arith = mean_interval(pages.real, fpc)
+    logs = mean_interval(np.log(pages.real), fpc)
+    return ConfidenceIntervals(
+        mean_arithmetic=None if arith is None else Interval(max(1.0, arith.low), arith.high),
+        mean_geometric=None if logs is None else Interval(math.exp(logs.low), math.exp(logs.high)),
+        mean_harmonic=_reciprocal_interval(freed),
+        median=median_interval(np.sort(pages.real), fpc),
+        shared_fraction=proportion_interval(int(pages.shared.sum()), n, fpc),
+        ksm_fraction=proportion_interval(int(pages.ksm.sum()), n, fpc),
+        zero_fraction=proportion_interval(int(pages.zero.sum()), n, fpc),
+        expected_freed_per_page=freed,
+    )
+
+
 def compute_stats(sample: PageSample) -> SharingStats:
     """The metric of one context from its sampled pages."""
-    present_mask = sample.present_mask
-    counts = sample.counts[present_mask]
-    flags = sample.flags[present_mask]
-    present = int(counts.size)
-    swapped = int(sample.swapped_mask.sum())
-    zero = flag_set(flags, KPF_ZERO_PAGE)
-    ksm = flag_set(flags, KPF_KSM)
-    has_count = (counts >= 1) & ~zero
-    real = counts[has_count].astype(np.float64)
-    reciprocal = np.zeros(present, dtype=np.float64)
-    reciprocal[has_count] = 1.0 / real
-    shared = ksm | zero | (counts != 1)
+    pages = _PresentPages.of(sample)
+    present, real = int(pages.counts.size), pages.real
     fpc = finite_population_factor(sample.sampled, sample.context_pages)
     scale = sample.context_pages / sample.sampled if sample.sampled else 0.0
-
-    freed = float(reciprocal.mean()) if present else 0.0
-    logs = np.log(real)
-    sorted_real = np.sort(real)
-    freed_iv = mean_interval(reciprocal, fpc)
-    if freed_iv is not None:
-        freed_iv = Interval(max(0.0, freed_iv.low), min(1.0, freed_iv.high))
-    log_iv = mean_interval(logs, fpc)
-    arith_iv = mean_interval(real, fpc)
+    freed = float(pages.reciprocal.mean()) if present else 0.0
     return SharingStats(
         label=sample.label,
         pid=sample.pid,
         context_pages=sample.context_pages,
         sampled=sample.sampled,
         present=present,
-        swapped=swapped,
+        swapped=int(sample.swapped_mask.sum()),
         absent=sample.sampled - int(sample.entries.size),
         counted=int(real.size),
         mean_arithmetic=float(real.mean()) if real.size else None,
-        mean_geometric=float(np.exp(logs.mean())) if real.size else None,
+        mean_geometric=float(np.exp(np.log(real).mean())) if real.size else None,
         mean_harmonic=1.0 / freed if freed > 0 else math.inf,
-        median=float(np.median(sorted_real)) if real.size else None,
+        median=float(np.median(real)) if real.size else None,
         expected_freed_per_page=freed,
-        shared_fraction=float(shared.mean()) if present else 0.0,
-        ksm_fraction=float(ksm.mean()) if present else 0.0,
-        zero_fraction=float(zero.mean()) if present else 0.0,
+        shared_fraction=_fraction(pages.shared),
+        ksm_fraction=_fraction(pages.ksm),
+        zero_fraction=_fraction(pages.zero),
         resident_pages=present * scale,
-        own_pages=float(reciprocal.sum()) * scale,
+        own_pages=float(pages.reciprocal.sum()) * scale,
         full_scan=sample.full_scan,
         seed=sample.seed,
-        ci95=ConfidenceIntervals(
-            mean_arithmetic=None
-            if arith_iv is None
-            else Interval(max(1.0, arith_iv.low), arith_iv.high),
-            mean_geometric=None
-            if log_iv is None
-            else Interval(math.exp(log_iv.low), math.exp(log_iv.high)),
-            mean_harmonic=_reciprocal_interval(freed_iv),
-            median=median_interval(sorted_real, fpc),
-            shared_fraction=proportion_interval(int(shared.sum()), present, fpc),
-            ksm_fraction=proportion_interval(int(ksm.sum()), present, fpc),
-            zero_fraction=proportion_interval(int(zero.sum()), present, fpc),
-            expected_freed_per_page=freed_iv,
-        ),
+        ci95=_intervals(pages, fpc),
         warnings=sample.warnings + _small_sample_warning(present, fpc),
     )
 
