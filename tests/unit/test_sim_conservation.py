@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.unit.simhelpers import host, vm, workload
+from simhelpers import host, vm, workload
 
 from memvisor.backends.sim.pages import PRIVATE, UNTOUCHED
 from memvisor.model import SetBalloon, SetKsm, SetSwapTarget

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 IntArray = npt.NDArray[np.int64]
 
 
-def _oldest(last_access: npt.NDArray[np.int32], cands: IntArray, k: int) -> IntArray:
+def oldest(last_access: npt.NDArray[np.int32], cands: IntArray, k: int) -> IntArray:
     if k >= cands.size:
         return cands
     part = np.argpartition(last_access[cands], k - 1)[:k]
@@ -63,7 +63,7 @@ def reclaim(host: SimHost, vm: VMRun, k: int) -> int:
     pt = host.pt
     use = pt.use[vm.sl]
     cache = np.flatnonzero(use == G_CACHE) + vm.offset
-    dropped = _drop_cache(host, vm, _oldest(pt.last_access, cache, k))
+    dropped = _drop_cache(host, vm, oldest(pt.last_access, cache, k))
     if dropped >= k:
         return dropped
     room = vm.guest_swap_pages - vm.guest_swap_used
@@ -71,7 +71,7 @@ def reclaim(host: SimHost, vm: VMRun, k: int) -> int:
     if want <= 0:
         return dropped
     anon = np.flatnonzero((use == G_ANON) | (use == G_RESERVED)) + vm.offset
-    return dropped + _page_out(host, vm, _oldest(pt.last_access, anon, want))
+    return dropped + _page_out(host, vm, oldest(pt.last_access, anon, want))
 
 
 def _drop_cache(host: SimHost, vm: VMRun, g: IntArray) -> int:

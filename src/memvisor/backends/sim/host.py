@@ -164,6 +164,9 @@ class SimHost:
             return g
         pt.last_access[g] = self.tick  # protects them from the reclaim below
         need = pt.frames_needed(g)
+        if vm.resident_limit is not None:
+            st = pt.state[g]
+            self._keep_within_limit(vm, int(np.count_nonzero((st != PRIVATE) & (st != SHARED))))
         if need > pt.free_frames():
             headroom = int(self.cfg.reclaim_headroom * pt.capacity)
             self._host_reclaim(need - pt.free_frames() + headroom)
@@ -207,6 +210,31 @@ class SimHost:
             cand = cand[np.argpartition(pt.last_access[cand], n - 1)[:n]]
         return observe.cap_per_vm(pt, cand, allowance)
 
+    def _keep_within_limit(self, vm: VMRun, incoming: int) -> None:
+        """A VM with a resident limit swaps its own pages to make room for ``incoming`` ones
+        (like a memory cgroup's limit): the limit holds after every fault, not only per tick."""
+        if vm.resident_limit is None or incoming <= 0:
+            return
+        pt = self.pt
+        resident = int(pt.counts[vm.index, PRIVATE] + pt.counts[vm.index, SHARED])
+        limit = max(vm.resident_limit, vm.reservation_pages)
+        over = resident + incoming - limit
+        if over > 0:
+            pt.set_state(self._own_victims(vm, over), SWAPPED, vm.index)
+
+    def _own_victims(self, vm: VMRun, k: int) -> IntArray:
+        """``k`` resident pages of ``vm`` not touched this tick: random (the hypervisor does
+        not know what the guest uses) or least recently used, as configured."""
+        pt = self.pt
+        st = pt.state[vm.sl]
+        cand = np.flatnonzero((st == PRIVATE) | (st == SHARED)) + vm.offset
+        cand = cand[pt.last_access[cand] < self.tick]
+        if k >= cand.size:
+            return cand
+        if self.cfg.swap_victims == "lru":
+            return guest.oldest(pt.last_access, cand, k)
+        return np.sort(vm.rng.choice(cand, size=k, replace=False))
+
     def _swap_step(self, vm: VMRun) -> None:
         """Hypervisor swapping toward the VM's resident limit (never below its reservation)."""
         if vm.resident_limit is None:
@@ -217,14 +245,9 @@ class SimHost:
         k = min(resident - limit, vm.swap_budget)
         if k <= 0:
             return
-        st = pt.state[vm.sl]
-        cand = np.flatnonzero((st == PRIVATE) | (st == SHARED)) + vm.offset
-        if self.cfg.swap_victims == "lru":
-            victims = guest._oldest(pt.last_access, cand, k)
-        else:
-            victims = np.sort(vm.rng.choice(cand, size=k, replace=False))
+        victims = self._own_victims(vm, k)
         pt.set_state(victims, SWAPPED, vm.index)
-        vm.swap_budget -= k
+        vm.swap_budget -= int(victims.size)
 
     # --- time --------------------------------------------------------------------------------
 

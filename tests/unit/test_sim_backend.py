@@ -1,0 +1,121 @@
+"""SimHost as a HostBackend: the protocol, observations, and refusals of bad actions."""
+
+from __future__ import annotations
+
+import pytest
+from simhelpers import host, vm, workload
+
+from memvisor.backends.base import HostBackend, ManualClock
+from memvisor.backends.sim.config import SimHostConfig
+from memvisor.backends.sim.host import SimHost
+from memvisor.errors import InputError, NotFoundError
+from memvisor.model import PowerState, SetBalloon, SetKsm, SetSwapTarget
+from memvisor.units import MiB
+
+
+def small() -> SimHost:
+    wl = workload(common=0.3, page_cache=16 * MiB)
+    return host(512 * MiB, [vm("a", wl, reservation=32 * MiB), vm("b", wl)])
+
+
+def test_is_a_host_backend_and_uses_the_manual_clock() -> None:
+    clock = ManualClock(100.0)
+    h = SimHost(SimHostConfig(memory=512 * MiB), [vm("a", workload())], tick=0.5, clock=clock)
+    assert isinstance(h, HostBackend)
+    h.step()
+    assert clock.now() == 100.5 and h.observe_host().time == 100.5
+
+
+def test_observations_are_complete_and_consistent() -> None:
+    h = small()
+    for _ in range(12):
+        h.step()
+    specs = {s.name: s for s in h.specs()}
+    assert specs["a"].reservation == 32 * MiB and specs["b"].memory == 128 * MiB
+    host_obs = h.observe_host()
+    total_consumed = 0
+    for o in h.observe_vms():
+        assert o.power is PowerState.ON and o.memory == 128 * MiB
+        assert 0 < o.consumed <= o.memory and 0 <= o.shared <= o.consumed
+        assert o.guest_free is not None and o.guest_free > 0
+        assert o.active_fraction is not None and 0 < o.active_fraction <= 1
+        assert o.sharing is not None and o.sharing.sampled > 0
+        assert o.throughput is not None and o.throughput > 0
+        total_consumed += o.consumed
+    saved = total_consumed - (host_obs.total - host_obs.free)
+    ksm = host_obs.ksm
+    assert saved == (ksm.pages_sharing) * 4096  # consumed counts each mapping of a shared frame
+
+
+def test_balloon_reaches_its_target_and_frees_host_memory() -> None:
+    h = small()
+    h.step()
+    before = h.observe_host().free
+    result = h.apply(SetBalloon("b", 48 * MiB))
+    assert result.ok and result.achieved > 0
+    h.step()
+    obs = {o.name: o for o in h.observe_vms()}
+    assert obs["b"].ballooned == 48 * MiB and obs["b"].balloon_target == 48 * MiB
+    assert h.observe_host().free > before
+    h.apply(SetBalloon("b", 0))
+    h.step()
+    assert {o.name: o for o in h.observe_vms()}["b"].ballooned == 0
+
+
+def test_balloon_speed_is_limited() -> None:
+    wl = workload(footprint=32 * MiB, working_set=8 * MiB)
+    h = host(2048 * MiB, [vm("big", wl, 1024 * MiB)], balloon_rate=100 * MiB)
+    h.apply(SetBalloon("big", 600 * MiB))
+    assert h.observe_vms()[0].ballooned == 100 * MiB
+    h.step()  # the apply above used this tick's budget
+    assert h.observe_vms()[0].ballooned == 100 * MiB
+    h.step()
+    assert h.observe_vms()[0].ballooned == 200 * MiB
+
+
+def test_swap_target_is_kept_and_never_below_reservation() -> None:
+    h = small()
+    h.step()
+    r = h.apply(SetSwapTarget("a", 0))
+    assert r.ok and "reservation" in r.message
+    for _ in range(3):
+        h.step()
+        obs = {o.name: o for o in h.observe_vms()}
+        assert obs["a"].consumed <= 32 * MiB + 4096
+        assert obs["a"].consumed >= 32 * MiB - 4096
+        assert obs["a"].swapped > 0
+
+
+def test_unknown_vm_and_bad_values_are_refused_without_change() -> None:
+    h = small()
+    with pytest.raises(NotFoundError, match="ghost"):
+        h.apply(SetBalloon("ghost", 0))
+    with pytest.raises(InputError):
+        h.apply(SetBalloon("a", -1))
+    with pytest.raises(InputError):
+        h.apply(SetSwapTarget("a", -1))
+    with pytest.raises(InputError):
+        h.apply(SetKsm(run=3))
+    result = h.apply(SetBalloon("a", 120 * MiB))  # more than memory - reservation
+    assert not result.ok and "exceeds" in result.message
+    assert h.observe_vms()[0].balloon_target == 0
+    assert h.check() == []
+
+
+def test_ksm_settings_apply() -> None:
+    h = small()
+    assert h.apply(SetKsm(run=0, pages_to_scan=10, sleep_millisecs=50)).ok
+    ksm = h.observe_host().ksm
+    assert (ksm.run, ksm.pages_to_scan, ksm.sleep_millisecs) == (0, 10, 50)
+    h.step()
+    assert h.observe_host().ksm.pages_sharing == 0  # stopped scanner merges nothing
+
+
+def test_bad_setup_is_refused() -> None:
+    wl = workload()
+    with pytest.raises(InputError, match="unique"):
+        host(512 * MiB, [vm("a", wl), vm("a", wl)])
+    with pytest.raises(InputError, match="reservations"):
+        host(64 * MiB, [vm("a", wl, reservation=100 * MiB)])
+    with pytest.raises(InputError, match="fit"):
+        host(512 * MiB, [vm("a", workload(footprint=200 * MiB))])
