@@ -23,10 +23,8 @@ from memvisor.statedir import default_state_dir
 # Modules that contribute commands, in help order. Each defines register(subparsers).
 COMMAND_MODULES: tuple[str, ...] = (
     "memvisor.cli.sharing",
-    "memvisor.cli.pools",
+    # "memvisor.cli.pools",
     "memvisor.cli.image",
-    "memvisor.cli.introspect",
-    "memvisor.cli.daemon",  # after pools: adds `vm set-reservation` to its `vm` group
     "memvisor.cli.sim",
 )
 
