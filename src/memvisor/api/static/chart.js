@@ -30,16 +30,19 @@ class LineChart {
   setThresholds(thresholds) { this.thresholds = thresholds; }
 
   _bounds() {
-    let xMax = -Infinity, yMin = Infinity, yMax = -Infinity;
+    let xMin = Infinity, xMax = -Infinity, yMin = Infinity, yMax = -Infinity;
     for (const s of this.series) for (const [x, y] of s.points) {
-      xMax = Math.max(xMax, x); yMin = Math.min(yMin, y); yMax = Math.max(yMax, y);
+      xMin = Math.min(xMin, x); xMax = Math.max(xMax, x);
+      yMin = Math.min(yMin, y); yMax = Math.max(yMax, y);
     }
     for (const t of this.thresholds) { yMin = Math.min(yMin, t.value); yMax = Math.max(yMax, t.value); }
     if (!Number.isFinite(xMax)) return null;
     if (this.yMin !== undefined) yMin = this.yMin;
     if (yMax <= yMin) yMax = yMin + 1;
     const pad = (yMax - yMin) * 0.08;
-    return { xMin: xMax - this.windowSeconds, xMax, yMin: this.yMin !== undefined ? yMin : yMin - pad, yMax: yMax + pad };
+    // the window, or less while there is less history (at least 30 s, so one point is visible)
+    const span = Math.min(this.windowSeconds, Math.max(30, xMax - xMin));
+    return { xMin: xMax - span, xMax, yMin: this.yMin !== undefined ? yMin : yMin - pad, yMax: yMax + pad };
   }
 
   draw() {
@@ -68,11 +71,13 @@ class LineChart {
       const ago = Math.round(b.xMax - x);
       g.fillText(ago === 0 ? "now" : `-${ago}s`, X(x) - 12, h - 6);
     }
-    for (const t of this.thresholds) {
+    let labelY = Infinity;  // threshold labels from the bottom up, never overlapping
+    for (const t of [...this.thresholds].sort((a, b) => a.value - b.value)) {
       const y = Y(t.value);
       g.strokeStyle = t.color || "#999"; g.setLineDash([5, 4]);
       g.beginPath(); g.moveTo(left, y); g.lineTo(left + pw, y); g.stroke(); g.setLineDash([]);
-      g.fillStyle = t.color || "#999"; g.fillText(t.name, left + pw + 4, y + 4);
+      labelY = Math.min(y + 4, labelY - 13);
+      g.fillStyle = t.color || "#999"; g.fillText(t.name, left + pw + 4, labelY);
     }
     g.save(); g.beginPath(); g.rect(left, top, pw, ph); g.clip();
     for (const s of this.series) {
@@ -81,9 +86,9 @@ class LineChart {
       g.stroke();
     }
     g.restore(); g.lineWidth = 1;
-    this.series.slice(0, 10).forEach((s, i) => {  // legend
-      g.fillStyle = s.color; g.fillRect(left + pw + 4, top + 14 * i + 60, 10, 3);
-      g.fillStyle = "#334"; g.fillText(s.name.slice(0, 14), left + pw + 18, top + 14 * i + 65);
+    this.series.slice(0, 10).forEach((s, i) => {  // legend, top right
+      g.fillStyle = s.color; g.fillRect(left + pw + 4, top + 14 * i + 4, 10, 3);
+      g.fillStyle = "#334"; g.fillText(s.name.slice(0, 14), left + pw + 18, top + 14 * i + 9);
     });
     c.dataset.points = String(this.series.reduce((n, s) => n + s.points.length, 0));
     c.dataset.lastX = String(b.xMax);
