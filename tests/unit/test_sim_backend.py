@@ -119,3 +119,18 @@ def test_bad_setup_is_refused() -> None:
         host(64 * MiB, [vm("a", wl, reservation=100 * MiB)])
     with pytest.raises(InputError, match="fit"):
         host(512 * MiB, [vm("a", workload(footprint=200 * MiB))])
+
+
+def test_from_specs_builds_a_host_like_the_daemon_config() -> None:
+    from memvisor.model import Backing, VMSpec
+
+    specs = [
+        VMSpec("web1", memory=256 * MiB, reservation=64 * MiB, pool="prod", backing=Backing.ANON),
+        VMSpec("db1", memory=512 * MiB, shares=9000),
+    ]
+    h = SimHost.from_specs(specs, capacity=600 * MiB, seed=2)
+    assert h.specs() == specs
+    h.step()
+    assert h.check() == []
+    assert h.observe_host().total == 600 * MiB
+    assert {o.name for o in h.observe_vms()} == {"web1", "db1"}

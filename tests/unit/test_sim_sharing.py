@@ -48,7 +48,7 @@ def test_writes_break_sharing_copy_on_write() -> None:
     shared_before = int(h.pt.counts[:, SHARED].sum())
     vm0 = h.vms[0]
     written = vm0.ws_order[:1000]
-    h._write(vm0, written)
+    h.write(vm0, written)
     assert h.check() == []
     assert int(h.pt.counts[:, SHARED].sum()) < shared_before
     g = vm0.l2g[written]

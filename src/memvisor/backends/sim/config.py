@@ -119,3 +119,10 @@ class SimHostConfig:
     sharing_sample_pages: int = 256  # pages sampled per VM for the sharing metric (C1)
     sharing_sample_period: float = 10.0  # seconds between sharing samples of a VM
     max_accesses_per_tick: int = 200_000  # cap on simulated touches per VM per tick
+
+
+def default_workload(memory: int, guest: GuestConfig) -> Workload:
+    """For a VM without a workload: half of its memory above the kernel, a quarter active."""
+    footprint = max(0, (memory - guest.kernel) // 2) // 4096 * 4096
+    working_set = footprint // 2 // 4096 * 4096
+    return Workload(name="default", footprint=footprint, phases=(Phase(working_set=working_set),))

@@ -19,13 +19,21 @@ their own swap files. So frames used never exceed host frames, with or without a
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
+import numpy.typing as npt
 
 from memvisor.backends.base import ManualClock
 from memvisor.backends.sim import guest, observe
-from memvisor.backends.sim.config import SimHostConfig, SimVMConfig
+from memvisor.backends.sim.config import (
+    GuestConfig,
+    SimHostConfig,
+    SimVMConfig,
+    Workload,
+    default_workload,
+)
 from memvisor.backends.sim.pages import (
     G_KERNEL,
     PRIVATE,
@@ -42,6 +50,7 @@ from memvisor.errors import InputError, NotFoundError
 from memvisor.model import (
     Action,
     ActionResult,
+    Backing,
     HostObservation,
     SetBalloon,
     SetKsm,
@@ -52,6 +61,24 @@ from memvisor.model import (
 from memvisor.units import PAGE_SIZE, format_size
 
 IntArray = observe.IntArray
+
+
+BoolArray = npt.NDArray[np.bool_]
+
+
+def _by_vm(owner: IntArray, mask: BoolArray) -> list[tuple[int, IntArray]]:
+    """Indices where ``mask`` holds, grouped by the VM that owns them."""
+    idx = np.flatnonzero(mask)
+    if idx.size == 0:
+        return []
+    vms = owner[idx]
+    order = np.argsort(vms, kind="stable")
+    idx, vms = idx[order], vms[order]
+    cuts = np.flatnonzero(np.diff(vms)) + 1
+    return [
+        (int(part_vms[0]), part)
+        for part, part_vms in zip(np.split(idx, cuts), np.split(vms, cuts), strict=True)
+    ]
 
 
 def _stable_seed(*parts: object) -> int:
@@ -83,12 +110,51 @@ class SimHost:
         self.ksm_sleep = host.ksm_sleep_millisecs
         slots, universes, kernel_bases = self._content_layout(vms)
         self.pt = PageTable([v.memory // PAGE_SIZE for v in vms], host.memory // PAGE_SIZE, slots)
+        logical = [(v.workload.footprint + v.workload.page_cache) // PAGE_SIZE for v in vms]
+        self.logical_offsets = np.zeros(len(vms) + 1, dtype=np.int64)
+        self.logical_offsets[1:] = np.cumsum(logical)
+        # logical page -> global guest page (-1: not in guest memory), all VMs in one array so
+        # the common path of every VM's accesses is a few vectorized operations per tick
+        self.l2g = np.full(int(self.logical_offsets[-1]), -1, dtype=np.int64)
         self.vms = [self._make_vm(i, c, universes, kernel_bases) for i, c in enumerate(vms)]
         self._by_name = {v.name: v for v in self.vms}
         self.scanner = Scanner(self.pt, np.array([c.merge for c in vms], dtype=np.bool_))
         for vm in self.vms:
             self._boot(vm)
             self._reset_tick(vm)
+
+    @classmethod
+    def from_specs(
+        cls,
+        specs: Sequence[VMSpec],
+        capacity: int,
+        *,
+        workloads: Mapping[str, Workload] | None = None,
+        host: SimHostConfig | None = None,
+        guest: GuestConfig | None = None,
+        seed: int = 0,
+        tick: float = 1.0,
+        clock: ManualClock | None = None,
+    ) -> SimHost:
+        """A simulated host for VMs configured as for real QEMU (e.g. the daemon's host file
+        with ``--backend sim``): each VM runs ``workloads[name]`` or a default workload."""
+        g = guest or GuestConfig()
+        vms = [
+            SimVMConfig(
+                name=s.name,
+                memory=s.memory,
+                workload=(workloads or {}).get(s.name) or default_workload(s.memory, g),
+                reservation=s.reservation,
+                limit=s.limit,
+                shares=s.shares,
+                pool=s.pool,
+                merge=s.backing is Backing.ANON,
+                guest=g,
+            )
+            for s in specs
+        ]
+        cfg = replace(host or SimHostConfig(), memory=capacity // PAGE_SIZE * PAGE_SIZE)
+        return cls(cfg, vms, seed=seed, tick=tick, clock=clock)
 
     # --- construction ----------------------------------------------------------------------
 
@@ -137,6 +203,8 @@ class SimHost:
             rng=rng,
             sample_rng=np.random.default_rng([self.seed, 4, _stable_seed(cfg.name)]),
             ws_order=rng.permutation(anon).astype(np.int64),
+            l2g=self.l2g[self.logical_offsets[index] : self.logical_offsets[index + 1]],
+            logical_offset=int(self.logical_offsets[index]),
         )
 
     def _boot(self, vm: VMRun) -> None:
@@ -261,9 +329,9 @@ class SimHost:
         for vm in self.vms:
             guest.balloon_step(self, vm)
             self._swap_step(vm)
+        draws = [draw(vm, t, dt, self.cfg.max_accesses_per_tick) for vm in self.vms]
+        self._access_all(draws)
         for vm in self.vms:
-            logical, writes = draw(vm, t, dt, self.cfg.max_accesses_per_tick)
-            self._access(vm, logical, writes)
             self._kernel_access(vm, kernel_touches(vm, dt))
         if self.ksm_run == 1:
             n = self.scanner.pages_this_tick(self.ksm_pages_to_scan, self.ksm_sleep, dt)
@@ -281,35 +349,60 @@ class SimHost:
         vm.balloon_budget = int(self.cfg.balloon_rate * dt) // PAGE_SIZE
         vm.swap_budget = int(self.cfg.swap_out_rate * dt) // PAGE_SIZE
 
-    def _access(self, vm: VMRun, logical: IntArray, writes: np.ndarray) -> None:
-        pt, cfg = self.pt, self.cfg
-        vm.stats.accesses += int(logical.size)
-        g = vm.l2g[logical]
-        hit = g[g >= 0]
-        pt.last_access[hit] = self.tick
-        host_swapped = uniq(hit[pt.state[hit] == SWAPPED])
-        done = self.fault_in(vm, host_swapped)
+    def _access_all(self, draws: list[tuple[IntArray, BoolArray]]) -> None:
+        """Every VM's touches of this tick at once: the hits (the common case) in a few
+        vectorized steps over all VMs; faults per VM, only for the VMs that have any."""
+        pt = self.pt
+        sizes = np.array([d[0].size for d in draws], dtype=np.int64)
+        if not sizes.any():
+            return
+        owner = np.repeat(np.arange(len(draws)), sizes)
+        logical = np.concatenate([d[0] for d in draws]) + self.logical_offsets[owner]
+        writes = np.concatenate([d[1] for d in draws])
+        for vm, n in zip(self.vms, sizes.tolist(), strict=True):
+            vm.stats.accesses += n
+        g = self.l2g[logical]
+        hit = g >= 0
+        pt.last_access[g[hit]] = self.tick
+        swapped = hit.copy()
+        swapped[hit] = pt.state[g[hit]] == SWAPPED
+        for v, idx in _by_vm(owner, swapped | ~hit):
+            self._faults(self.vms[v], g[idx], logical[idx] - self.logical_offsets[v])
+        if writes.any():
+            self._write_all(logical[writes], owner[writes])
+        for vm in self.vms:
+            vm.stats.stall += vm.stats.blocked * self.cfg.blocked_cost
+
+    def _faults(self, vm: VMRun, g: IntArray, logical: IntArray) -> None:
+        """Touches of ``vm`` that fault: host-swapped guest pages and pages not in the guest."""
+        in_guest = g >= 0
+        done = self.fault_in(vm, uniq(g[in_guest]))
         vm.stats.host_swap_ins += int(done.size)
-        vm.stats.stall += done.size * cfg.swap_in_latency
-        missing = uniq(logical[g < 0])
+        vm.stats.stall += done.size * self.cfg.swap_in_latency
+        missing = uniq(logical[~in_guest])
         if missing.size:
             free = guest.alloc(self, vm, missing.size)
             vm.stats.blocked += int(missing.size - free.size)
             guest.place(self, vm, missing[: free.size], free)
-        if np.any(writes):
-            self._write(vm, uniq(logical[writes]))
-        vm.stats.stall += vm.stats.blocked * cfg.blocked_cost
 
-    def _write(self, vm: VMRun, logical: IntArray) -> None:
+    def _write_all(self, logical: IntArray, owner: IntArray) -> None:
+        """Writes give pages new unique content; shared pages are copied first (CoW)."""
         pt = self.pt
-        g = vm.l2g[logical]
-        g = g[g >= 0]
-        cow = g[pt.state[g] == SHARED]
-        done = self.fault_in(vm, cow)
-        vm.stats.stall += done.size * self.cfg.cow_cost
+        g = self.l2g[logical]
+        placed = g >= 0
+        g, owner = g[placed], owner[placed]
+        cow = pt.state[g] == SHARED
+        for v, idx in _by_vm(owner, cow):
+            done = self.fault_in(self.vms[v], uniq(g[idx]))
+            self.vms[v].stats.stall += done.size * self.cfg.cow_cost
         g = g[pt.state[g] == PRIVATE]
-        pt.content[g] = pt.new_unique(g.size)
+        pt.content[g] = pt.new_unique(g.size)  # a page written twice keeps the last id
         pt.last_write[g] = self.tick
+
+    def write(self, vm: VMRun, logical: IntArray) -> None:
+        """``vm`` writes its logical pages ``logical`` (those in guest memory)."""
+        owner = np.full(logical.size, vm.index, dtype=np.int64)
+        self._write_all(logical + vm.logical_offset, owner)
 
     def _kernel_access(self, vm: VMRun, g: IntArray) -> None:
         if g.size == 0:

@@ -21,6 +21,7 @@ from memvisor.backends.sim.config import (
     SimVMConfig,
     TraceAccesses,
     Workload,
+    default_workload,
 )
 from memvisor.backends.sim.trace import empty_trace, load_trace
 from memvisor.errors import AdmissionError, ConfigError, InputError
@@ -378,7 +379,7 @@ def _read_vms(
         base = SimVMConfig(
             name=name,
             memory=memory,
-            workload=workloads.get(wname or "") or _default_workload(memory, vm_guest),
+            workload=workloads.get(wname or "") or default_workload(memory, vm_guest),
             image=r.get(t, path, "image", text, "default"),
             reservation=r.get(t, path, "reservation", size, 0),
             limit=limit,
@@ -394,13 +395,6 @@ def _read_vms(
             width = len(str(count))
             vms.extend(replace(base, name=f"{name}-{i:0{width}d}") for i in range(1, count + 1))
     return _attach_traces(r, vms)
-
-
-def _default_workload(memory: int, guest: GuestConfig) -> Workload:
-    """For a VM without a workload: half of its memory above the kernel, a quarter active."""
-    footprint = max(0, (memory - guest.kernel) // 2) // PAGE_SIZE * PAGE_SIZE
-    ws = footprint // 2 // PAGE_SIZE * PAGE_SIZE
-    return Workload(name="default", footprint=footprint, phases=(Phase(working_set=ws),))
 
 
 def _attach_traces(r: Reader, vms: list[SimVMConfig]) -> list[SimVMConfig]:

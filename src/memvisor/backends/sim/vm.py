@@ -56,7 +56,8 @@ class VMRun:
     rng: np.random.Generator  # workload and guest decisions
     sample_rng: np.random.Generator  # working-set sampling (independent of the workload)
     ws_order: npt.NDArray[np.int64]  # anonymous pages in working-set order (hottest first)
-    l2g: npt.NDArray[np.int64] = field(init=False)
+    l2g: npt.NDArray[np.int64]  # a view into the host's array of all VMs' logical pages
+    logical_offset: int  # where this VM's logical pages start in the host's array
     lstate: npt.NDArray[np.uint8] = field(init=False)
     lcontent: npt.NDArray[np.int64] = field(init=False)
     balloon_target: int = 0  # pages the reservation program is asked to hold
@@ -80,7 +81,6 @@ class VMRun:
 
     def __post_init__(self) -> None:
         n = self.anon_pages + self.cache_pages
-        self.l2g = np.full(n, -1, dtype=np.int64)
         self.lstate = np.full(n, L_NEW, dtype=np.uint8)
         self.lcontent = np.zeros(n, dtype=np.int64)
 
