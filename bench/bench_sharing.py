@@ -4,9 +4,10 @@ Beside memvisor's batched sampler (numpy, sorted and coalesced preads) the same 
 the naive method — one 8-byte pread per page per file (pagemap, then kpagecount and
 kpageflags for present pages) — on the same pages, and checks both read the same values.
 
-Contexts: a helper process maps 1 GiB of anonymous memory, fills it and forks a child (every
-page shared by 2 mappings), once with 4 KiB pages and once with transparent huge pages (like
-QEMU's guest RAM). Needs root. Run: ``.venv/bin/python bench/bench_sharing.py``; it prints a
+Contexts: a helper process maps 1 GiB of anonymous memory and fills it: "shared" forks a child
+(every page shared by 2 mappings), with 4 KiB pages and with transparent huge pages (like
+QEMU's guest RAM); "private" does not fork (pagemap's exclusive bit then saves the kpagecount
+reads). Needs root. Run: ``.venv/bin/python bench/bench_sharing.py``; it prints a
 table and writes bench/results/sharing.md. Target: at least 200,000 sampled pages/s.
 """
 
@@ -33,32 +34,32 @@ from memvisor.sharing.procfs import (
     PAGEMAP_MAX_GAP,
     PAGEMAP_PRESENT,
     U64Array,
-    pfns_of,
     read_entries,
 )
+from memvisor.sharing.sampler import FrameFiles
 from memvisor.units import MiB
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sharing.md"
 
 HELPER = r"""
 import ctypes, json, mmap, os, sys
-size, huge = int(sys.argv[1]), sys.argv[2] == "thp"
+size, huge, fork = int(sys.argv[1]), sys.argv[2] == "thp", sys.argv[3] == "shared"
 m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 m.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE)
 addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
 for off in range(0, size, 4096):
     m[off:off + 8] = off.to_bytes(8, "little")
 r, w = os.pipe()
-if os.fork() == 0:
+if fork and os.fork() == 0:
     os.close(w); os.read(r, 1); os._exit(0)
 print(json.dumps({"addr": addr, "size": size}), flush=True)
 sys.stdin.read()
 """
 
 
-def start_helper(size: int, layout: str) -> tuple[subprocess.Popen[str], int, int]:
+def start_helper(size: int, pages: str, sharing: str) -> tuple[subprocess.Popen[str], int, int]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", HELPER, str(size), layout],
+        [sys.executable, "-c", HELPER, str(size), pages, sharing],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -94,19 +95,16 @@ def batched_read(
 ) -> tuple[U64Array, U64Array, U64Array]:
     """The sampler's read path with chosen coalescing gaps (0: a pread per distinct entry)."""
     pm = os.open(f"/proc/{ctx_pid}/pagemap", os.O_RDONLY)
-    kc = os.open("/proc/kpagecount", os.O_RDONLY)
-    kf = os.open("/proc/kpageflags", os.O_RDONLY)
+    frames = FrameFiles()
     try:
         entries = read_entries(pm, vpns, pm_gap)
         present = (entries & np.uint64(PAGEMAP_PRESENT)) != 0
-        pfns = pfns_of(entries[present])
         counts = np.zeros(entries.size, dtype=np.uint64)
         flags = np.zeros(entries.size, dtype=np.uint64)
-        counts[present] = read_entries(kc, pfns, frame_gap)
-        flags[present] = read_entries(kf, pfns, frame_gap)
+        counts[present], flags[present] = frames.read(entries[present], max_gap=frame_gap)
     finally:
-        for fd in (pm, kc, kf):
-            os.close(fd)
+        os.close(pm)
+        frames.close()
     return entries, counts, flags
 
 
@@ -136,8 +134,11 @@ def same_values(a: tuple[U64Array, ...], b: tuple[U64Array, ...]) -> bool:
     )
 
 
-def bench_layout(layout: str, size: int, ks: list[int], repeats: int) -> list[dict[str, object]]:
-    proc, addr, length = start_helper(size, layout)
+def bench_layout(
+    pages: str, sharing: str, size: int, ks: list[int], repeats: int
+) -> list[dict[str, object]]:
+    layout = f"{pages} {sharing}"
+    proc, addr, length = start_helper(size, pages, sharing)
     rows: list[dict[str, object]] = []
     try:
         with Context.open_range(proc.pid, addr, length) as ctx:
@@ -234,12 +235,12 @@ def main() -> int:
     os.sched_setaffinity(0, {args.cpu})
     ks = [1_000, 10_000, 100_000]
     rows: list[dict[str, object]] = []
-    for layout in ("4k", "thp"):
-        rows += bench_layout(layout, args.size_mib * MiB, ks, args.repeats)
+    for pages, sharing in (("4k", "shared"), ("thp", "shared"), ("4k", "private")):
+        rows += bench_layout(pages, sharing, args.size_mib * MiB, ks, args.repeats)
     header = (
         f"# Sharing sampler benchmark (C1)\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
         f", kernel {os.uname().release}, one core (pinned to cpu {args.cpu}), context "
-        f"{args.size_mib} MiB of anonymous memory shared with a forked child; medians of "
+        f"{args.size_mib} MiB of anonymous memory (shared: with a forked child); medians of "
         f"{args.repeats} runs (full scans: 3) of CPU time (user + system), methods "
         f"interleaved; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the "
         "start. Target: >= 200,000 sampled pages/s. Columns: the full sampler "

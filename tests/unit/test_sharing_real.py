@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from memvisor.cli import main
@@ -28,6 +29,7 @@ from memvisor.sharing import (
     sample_guest_ram,
     sample_process,
 )
+from memvisor.sharing.procfs import KPF_THP, PAGEMAP_EXCLUSIVE, pfns_of, read_entries
 from memvisor.sharing.sampler import FrameFiles
 from memvisor.units import PAGE_SIZE
 
@@ -36,15 +38,16 @@ if not os.access("/proc/kpagecount", os.R_OK):
 
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 
-# A helper process: maps `mib` MiB of anonymous memory (4 KiB pages, no THP), shapes its
-# sharing per `mode`, prints {"addr", "size", "children"} and waits until stdin closes.
+# A helper process: maps `mib` MiB of anonymous memory (4 KiB pages; transparent huge pages in
+# mode "thp"), shapes its sharing per `mode`, prints {"addr", "size", "children"} and waits
+# until stdin closes.
 HELPER = r"""
 import ctypes, json, mmap, os, random, sys
 mode, mib, args = sys.argv[1], int(sys.argv[2]), [int(a) for a in sys.argv[3:]]
 size = mib << 20
 npages = size // 4096
 m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-m.madvise(mmap.MADV_NOHUGEPAGE)
+m.madvise(mmap.MADV_HUGEPAGE if mode == "thp" else mmap.MADV_NOHUGEPAGE)
 addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
 
 def fill(seed):  # every page distinct: a seeded pattern, then the page's index
@@ -60,10 +63,10 @@ else:
     fill(args[0] if mode == "ksm" else os.getpid())
 if mode == "ksm":
     m.madvise(mmap.MADV_MERGEABLE)
-if mode in ("fork", "cow"):
+if mode in ("fork", "cow", "thp"):
     ready_r, ready_w = os.pipe()
     hold_r, hold_w = os.pipe()
-    for _ in range(args[0] if mode == "fork" else 1):
+    for _ in range(1 if mode == "cow" else args[0]):
         pid = os.fork()
         if pid == 0:
             os.close(hold_w)
@@ -202,6 +205,35 @@ def test_zero_page_mappings_cost_nothing(spawn: Callable[..., Helper]) -> None:
     assert s.shared_fraction == 1.0 and s.mean_arithmetic is None
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("mode", "args"), [("private", ()), ("fork", (2,)), ("thp", (0,)), ("thp", (1,))]
+)
+def test_exclusive_pages_have_one_mapping_as_kpagecount_says(
+    spawn: Callable[..., Helper], mode: str, args: tuple[int, ...]
+) -> None:
+    """The sampler takes pagemap's "exclusively mapped" bit for kpagecount 1: check it."""
+    h = spawn(mode, 16, *args)
+    with Context.open_process(h.pid, all_mappings=True) as ctx:
+        s = ctx.scan()
+    exclusive = s.present_mask & ((s.entries & np.uint64(PAGEMAP_EXCLUSIVE)) != 0)
+    fd = os.open("/proc/kpagecount", os.O_RDONLY)
+    try:
+        direct = read_entries(fd, pfns_of(s.entries[exclusive]), max_gap=0)
+        in_region = s.present_mask & (s.vpns >= h.addr // PAGE_SIZE)
+        in_region &= s.vpns < (h.addr + h.size) // PAGE_SIZE
+        region_direct = read_entries(fd, pfns_of(s.entries[in_region]), max_gap=0)
+    finally:
+        os.close(fd)
+    assert exclusive.sum() > 0 and (direct == 1).all()
+    assert np.array_equal(s.counts[in_region], region_direct)
+    assert int(in_region.sum()) == h.size // PAGE_SIZE
+    assert (region_direct == 1 + (args[0] if args else 0)).all()
+    if mode == "thp":
+        thp = (s.flags[in_region] >> np.uint64(KPF_THP)) & np.uint64(1)
+        assert thp.all(), "the helper's region is not backed by huge pages"
+
+
 # --- KSM ------------------------------------------------------------------------------------
 
 KSM_KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
@@ -309,6 +341,7 @@ nobody = pwd.getpwnam("nobody")
 os.setgid(nobody.pw_gid)
 os.setuid(nobody.pw_uid)
 ctypes.CDLL(None).prctl(4, 1)  # PR_SET_DUMPABLE: our own /proc/self files stay readable
+from memvisor.sharing.procfs import KPF_THP, PAGEMAP_EXCLUSIVE, pfns_of, read_entries
 from memvisor.sharing.sampler import FrameFiles
 try:
     FrameFiles()

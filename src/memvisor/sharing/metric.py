@@ -165,16 +165,6 @@ class SharingStats:
     ci95: ConfidenceIntervals = field(default_factory=ConfidenceIntervals)
     warnings: tuple[str, ...] = ()
 
-    def statistic(self, stat: str) -> float | None:
-        """The named mean of the counts ("harmonic", "geometric", "arithmetic", "median")."""
-        values = {
-            "harmonic": self.mean_harmonic,
-            "geometric": self.mean_geometric,
-            "arithmetic": self.mean_arithmetic,
-            "median": self.median,
-        }
-        return values[stat]
-
     def to_model(self) -> SharingSample:
         """The scheduler's view (:class:`memvisor.model.SharingSample`)."""
         return SharingSample(

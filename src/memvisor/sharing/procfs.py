@@ -27,6 +27,9 @@ ENTRY_BYTES = 8
 # /proc/PID/pagemap (Documentation/admin-guide/mm/pagemap.rst)
 PAGEMAP_PRESENT = 1 << 63
 PAGEMAP_SWAPPED = 1 << 62
+# "Exclusively mapped": the frame has exactly one mapping, i.e. kpagecount would read 1
+# (precise per-page mapcount; tests/unit/test_sharing_real.py checks it against kpagecount).
+PAGEMAP_EXCLUSIVE = 1 << 56
 PAGEMAP_PFN_MASK = (1 << 55) - 1
 
 # /proc/kpageflags bit numbers (include/uapi/linux/kernel-page-flags.h)

@@ -29,6 +29,7 @@ from memvisor.errors import (
 from memvisor.sharing.metric import PageSample, SharingStats, compute_stats
 from memvisor.sharing.procfs import (
     FRAME_MAX_GAP,
+    PAGEMAP_EXCLUSIVE,
     PAGEMAP_MAX_GAP,
     PAGEMAP_PRESENT,
     PAGEMAP_SWAPPED,
@@ -123,11 +124,18 @@ class FrameFiles:
                 f"{path} is missing: the host kernel lacks CONFIG_PROC_PAGE_MONITOR"
             ) from None
 
-    def read(self, pfns: U64Array) -> tuple[U64Array, U64Array]:
-        """(kpagecount, kpageflags) of each frame."""
+    def read(self, entries: U64Array, max_gap: int = FRAME_MAX_GAP) -> tuple[U64Array, U64Array]:
+        """(kpagecount, kpageflags) of the frames behind present pagemap ``entries``.
+
+        Pages pagemap marks exclusively mapped have count 1 without asking kpagecount: that
+        saves a third of the syscalls on private memory, where samples are too sparse to
+        coalesce."""
+        pfns = pfns_of(entries)
+        single = (entries & np.uint64(PAGEMAP_EXCLUSIVE)) != 0
+        counts = np.ones(entries.size, dtype=np.uint64)
         try:
-            counts = read_entries(self.count_fd, pfns, FRAME_MAX_GAP)
-            flags = read_entries(self.flags_fd, pfns, FRAME_MAX_GAP)
+            counts[~single] = read_entries(self.count_fd, pfns[~single], max_gap)
+            flags = read_entries(self.flags_fd, pfns, max_gap)
         except EndOfFile as exc:
             raise BackendError(
                 f"frame {exc.offset // 8} is beyond the end of /proc/kpagecount"
@@ -293,7 +301,7 @@ class Context:
         present = (entries & np.uint64(PAGEMAP_PRESENT)) != 0
         frames = FrameFiles()
         try:
-            counts[present], flags[present] = frames.read(pfns_of(entries[present]))
+            counts[present], flags[present] = frames.read(entries[present])
         finally:
             frames.close()
         # The frames were read after the pagemap: if the process died in between, they may
