@@ -342,6 +342,7 @@ def test_ranking_rejects_an_unknown_statistic() -> None:
         (["--pid", "5", "--pid", "5"], "given twice"),
         (["--pid", "5", "--samples", "0"], "--samples"),
         (["--pid", "-3"], "--pid"),
+        (["--pid", "5", "--seed", "-1"], "--seed"),
     ],
 )
 def test_cli_refuses_bad_arguments(

@@ -329,6 +329,8 @@ def test_guest_ram_range_is_validated(spawn: Callable[..., Helper]) -> None:
         sample_guest_ram(h.pid, h.addr + 1, h.size)
     with pytest.raises(InputError, match="not mapped"):
         sample_guest_ram(h.pid, h.addr, 1 << 46)
+    with pytest.raises(InputError, match="seed"):
+        sample_guest_ram(h.pid, h.addr, h.size, samples=10, seed=-5)
 
 
 NONROOT = r"""

@@ -63,6 +63,8 @@ def register(subparsers: Any) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     if args.samples <= 0:
         raise InputError(f"--samples: expected a positive number of pages, got {args.samples}")
+    if args.seed is not None and args.seed < 0:
+        raise InputError(f"--seed: expected a non-negative integer, got {args.seed}")
     seen: set[int] = set()
     for pid in args.pid:
         if pid <= 0:

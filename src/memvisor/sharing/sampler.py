@@ -222,6 +222,8 @@ class Context:
         """K distinct pages drawn uniformly; K at least the context's size scans every page."""
         if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
             raise InputError(f"samples: expected a positive number of pages, got {k!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise InputError(f"seed: expected a non-negative integer, got {seed!r}")
         if k >= self.total_pages:
             note = (
                 f"asked for {k} samples but {self.label} has only {self.total_pages} pages: "
