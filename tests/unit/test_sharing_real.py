@@ -27,6 +27,7 @@ from memvisor.sharing import (
     ContextGoneError,
     rank_for_reclamation,
     sample_guest_ram,
+    sample_guest_ranges,
     sample_process,
 )
 from memvisor.sharing.procfs import KPF_THP, PAGEMAP_EXCLUSIVE, pfns_of, read_entries
@@ -320,6 +321,18 @@ def test_k_larger_than_the_context_scans_it_all_and_says_so(
     s = sample_guest_ram(h.pid, h.addr, h.size, samples=1000, seed=1)
     assert s.full_scan and s.sampled == s.context_pages == 256
     assert any("scanned every page" in w for w in s.warnings)
+
+
+@pytest.mark.timeout(60)
+def test_guest_ram_in_pieces_measures_the_same_as_in_one(spawn: Callable[..., Helper]) -> None:
+    h = spawn("cow", 16, 0, 3, 50)
+    half = h.size // 2
+    whole = sample_guest_ram(h.pid, h.addr, h.size, full=True)
+    pieces = sample_guest_ranges(h.pid, [(h.addr + half, half), (h.addr, half)], full=True)
+    assert pieces.sampled == whole.sampled and pieces.present == whole.present
+    assert pieces.expected_freed_per_page == pytest.approx(whole.expected_freed_per_page)
+    with pytest.raises(InputError, match="overlaps"):
+        sample_guest_ranges(h.pid, [(h.addr, half + PAGE_SIZE), (h.addr + half, half)])
 
 
 @pytest.mark.timeout(60)

@@ -38,6 +38,7 @@ from memvisor.sharing.sampler import (
     check_pfns_visible,
     read_maps,
     sample_guest_ram,
+    sample_guest_ranges,
     sample_process,
 )
 
@@ -60,6 +61,7 @@ __all__ = [
     "rank_for_reclamation",
     "read_maps",
     "sample_guest_ram",
+    "sample_guest_ranges",
     "sample_process",
     "select_mappings",
     "statistic_value",

@@ -13,6 +13,7 @@ raises :class:`ContextGoneError`, checked again after the frame reads; PFNs that
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import secrets
 from dataclasses import dataclass
@@ -177,22 +178,32 @@ class Context:
     @classmethod
     def open_range(cls, pid: int, start: int, length: int) -> Context:
         """One host-virtual range of a process, e.g. a VM's guest RAM in its QEMU process."""
+        return cls.open_ranges(pid, [(start, length)])
+
+    @classmethod
+    def open_ranges(cls, pid: int, ranges: list[tuple[int, int]]) -> Context:
+        """Host-virtual ranges ``(start, length)`` of a process, e.g. the pieces of a large
+        VM's guest RAM (the ``pc`` machine relocates RAM above 3.5 GiB to 4 GiB+)."""
         _check_pid(pid)
-        for name, value in (("start", start), ("length", length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InputError(f"{name}: expected a non-negative byte count, got {value!r}")
-            if value % PAGE_SIZE:
-                raise InputError(f"{name}: {value:#x} is not a multiple of {PAGE_SIZE}")
-        if length == 0:
-            raise InputError("length: the range is empty")
+        if not ranges:
+            raise InputError("ranges: no range given")
+        for start, length in ranges:
+            _check_range(start, length)
+        ordered = sorted(ranges)
+        for (s1, n1), (s2, _) in itertools.pairwise(ordered):
+            if s1 + n1 > s2:
+                raise InputError(f"ranges: {s1:#x}+{n1:#x} overlaps the range at {s2:#x}")
         fd = _open_proc(pid, "pagemap")
         try:
-            _require_mapped(read_maps(pid), pid, start, length)
+            maps = read_maps(pid)
+            for start, length in ranges:
+                _require_mapped(maps, pid, start, length)
         except BaseException:
             os.close(fd)
             raise
-        label = f"pid {pid} range {start:#x}+{length:#x}"
-        return cls(pid, [PageRange(start // PAGE_SIZE, length // PAGE_SIZE)], label, fd)
+        label = f"pid {pid} " + ", ".join(f"range {s:#x}+{n:#x}" for s, n in ranges)
+        pages = [PageRange(s // PAGE_SIZE, n // PAGE_SIZE) for s, n in ranges]
+        return cls(pid, pages, label, fd)
 
     def __enter__(self) -> Context:
         return self
@@ -324,6 +335,16 @@ class Context:
         )
 
 
+def _check_range(start: int, length: int) -> None:
+    for name, value in (("start", start), ("length", length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InputError(f"{name}: expected a non-negative byte count, got {value!r}")
+        if value % PAGE_SIZE:
+            raise InputError(f"{name}: {value:#x} is not a multiple of {PAGE_SIZE}")
+    if length == 0:
+        raise InputError("length: the range is empty")
+
+
 def _require_mapped(maps: list[MapsEntry], pid: int, start: int, length: int) -> None:
     """Refuse a range that is not wholly inside the process's mappings."""
     covered_to = start
@@ -366,4 +387,17 @@ def sample_guest_ram(
     """The sharing metric of a VM's guest RAM: ``length`` bytes at host-virtual ``start`` in
     its QEMU process ``pid`` (the backend supplies the range, e.g. from ``gpa2hva``)."""
     with Context.open_range(pid, start, length) as ctx:
+        return compute_stats(ctx.scan(seed=seed) if full else ctx.sample(samples, seed))
+
+
+def sample_guest_ranges(
+    pid: int,
+    ranges: list[tuple[int, int]],
+    *,
+    samples: int = 10_000,
+    seed: int | None = None,
+    full: bool = False,
+) -> SharingStats:
+    """Like :func:`sample_guest_ram` for guest RAM in several host-virtual pieces."""
+    with Context.open_ranges(pid, ranges) as ctx:
         return compute_stats(ctx.scan(seed=seed) if full else ctx.sample(samples, seed))
