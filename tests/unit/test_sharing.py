@@ -134,8 +134,11 @@ def test_read_entries_from_a_real_file(tmp_path: Path) -> None:
         for gap in (0, 16, 1000):
             got = read_entries(fd, want, max_gap=gap)
             assert np.array_equal(got, values[want.astype(np.int64)])
+        past = np.array([5, 9_999, 10_000, 20_000], dtype=np.uint64)
         with pytest.raises(EndOfFile):
-            read_entries(fd, np.array([5, 20_000], dtype=np.uint64), max_gap=0)
+            read_entries(fd, past, max_gap=0)
+        got = read_entries(fd, past, max_gap=16, zero_past_end=True)
+        assert got.tolist() == [int(values[5]), int(values[9_999]), 0, 0]
     finally:
         os.close(fd)
 

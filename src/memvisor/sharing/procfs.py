@@ -190,8 +190,14 @@ def read_run(fd: int, first_index: int, out: memoryview) -> None:
         done += n
 
 
-def read_entries(fd: int, indices: U64Array, max_gap: int) -> U64Array:
-    """The u64 entries at ``indices`` (any order, repeats allowed) of a /proc entry file."""
+def read_entries(
+    fd: int, indices: U64Array, max_gap: int, *, zero_past_end: bool = False
+) -> U64Array:
+    """The u64 entries at ``indices`` (any order, repeats allowed) of a /proc entry file.
+
+    Past the end of the file: :class:`EndOfFile`, or zeros with ``zero_past_end`` (the kpage
+    files end at the last frame with a struct page; device memory beyond has none to count).
+    """
     idx = np.asarray(indices, dtype=np.uint64)
     if idx.size == 0:
         return np.zeros(0, dtype=np.uint64)
@@ -204,18 +210,24 @@ def read_entries(fd: int, indices: U64Array, max_gap: int) -> U64Array:
     pread = os.pread
     data = b"".join([pread(fd, n, off) for n, off in zip(sizes, offsets, strict=True)])
     if len(data) != runs.total_entries * ENTRY_BYTES:
-        data = _read_runs_completely(fd, offsets, sizes)
+        data = _read_runs_completely(fd, offsets, sizes, zero_past_end)
     buf = np.frombuffer(data, dtype=np.uint64)
     result: U64Array = buf[runs.positions][inverse.reshape(-1)]
     return result
 
 
-def _read_runs_completely(fd: int, offsets: list[int], sizes: list[int]) -> bytes:
-    out = bytearray(sum(sizes))
+def _read_runs_completely(
+    fd: int, offsets: list[int], sizes: list[int], zero_past_end: bool
+) -> bytes:
+    out = bytearray(sum(sizes))  # zero-filled: what stays unread past the end reads as 0
     view = memoryview(out)
     at = 0
     for off, n in zip(offsets, sizes, strict=True):
-        read_run(fd, off // ENTRY_BYTES, view[at : at + n])
+        try:
+            read_run(fd, off // ENTRY_BYTES, view[at : at + n])
+        except EndOfFile:
+            if not zero_past_end:
+                raise
         at += n
     return bytes(out)
 

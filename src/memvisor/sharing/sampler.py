@@ -134,13 +134,10 @@ class FrameFiles:
         pfns = pfns_of(entries)
         single = (entries & np.uint64(PAGEMAP_EXCLUSIVE)) != 0
         counts = np.ones(entries.size, dtype=np.uint64)
-        try:
-            counts[~single] = read_entries(self.count_fd, pfns[~single], max_gap)
-            flags = read_entries(self.flags_fd, pfns, max_gap)
-        except EndOfFile as exc:
-            raise BackendError(
-                f"frame {exc.offset // 8} is beyond the end of /proc/kpagecount"
-            ) from None
+        # Frames past the end of the kpage files (device memory) have no struct page: they
+        # read as count 0, flags 0, and so count as not reclaimable, like the kernel's PSS.
+        counts[~single] = read_entries(self.count_fd, pfns[~single], max_gap, zero_past_end=True)
+        flags = read_entries(self.flags_fd, pfns, max_gap, zero_past_end=True)
         return counts, flags
 
     def close(self) -> None:
