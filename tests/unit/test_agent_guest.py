@@ -60,11 +60,27 @@ class Wire:
         return out
 
 
+def thp_switch(tmp_path: Path, text: str = "always [madvise] never\n") -> str:
+    """A stand-in for the THP switch: tests must not change the host's setting."""
+    path = tmp_path / "thp-enabled"
+    path.write_text(text)
+    return str(path)
+
+
+def min_free_switch(tmp_path: Path) -> str:
+    path = tmp_path / "min_free_kbytes"
+    path.write_text("1024\n")
+    return str(path)
+
+
 @pytest.fixture
-def agent() -> Iterator[tuple[Agent, RewritingPagemap, Wire, ManualClock]]:
+def agent(tmp_path: Path) -> Iterator[tuple[Agent, RewritingPagemap, Wire, ManualClock]]:
     require_root()
     pagemap, wire, clock = RewritingPagemap(), Wire(), ManualClock(1000.0)
-    a = Agent(Reservation(pagemap, 512, clock.now), wire, clock.now)
+    reservation = Reservation(pagemap, 512, clock.now)
+    reservation.thp_control = thp_switch(tmp_path)
+    reservation.min_free_control = min_free_switch(tmp_path)
+    a = Agent(reservation, wire, clock.now)
     a.connected()
     a.receive_line(p.encode(p.Welcome(1, 512, 1.0, 1.0))[:-1])
     yield a, pagemap, wire, clock
@@ -160,6 +176,17 @@ def test_bad_requests_get_errors_not_crashes(agent) -> None:  # type: ignore[no-
     assert errs[1].re == 3 and "multiple of the block" in errs[1].message  # type: ignore[union-attr]
 
 
+def test_thp_is_switched_on_for_advised_regions_only_when_off(tmp_path: Path) -> None:
+    from memvisor.agent.reserve import enable_thp_for_madvised
+
+    off = thp_switch(tmp_path, "always madvise [never]\n")
+    enable_thp_for_madvised(off, min_free_switch(tmp_path))
+    assert Path(off).read_text() == "madvise"
+    on = thp_switch(tmp_path, "[always] madvise never\n")
+    enable_thp_for_madvised(on, "/nonexistent")
+    assert Path(on).read_text() == "[always] madvise never\n"
+
+
 def test_stats_parsers_read_the_real_files() -> None:
     meminfo = _parse_meminfo(Path("/proc/meminfo").read_text())
     assert meminfo["MemTotal"] > 0 and meminfo["MemTotal"] % 1024 == 0
@@ -218,7 +245,20 @@ def test_real_agent_process_reserves_survives_reconnect_and_releases(tmp_path: P
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(sock)
     server.listen(1)
-    proc = subprocess.Popen([sys.executable, "-m", "memvisor.agent", "--unix", sock])
+    thp = thp_switch(tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memvisor.agent",
+            "--unix",
+            sock,
+            "--thp-control",
+            thp,
+            "--min-free-control",
+            min_free_switch(tmp_path),
+        ]
+    )
     host_pages = os.sysconf("SC_PHYS_PAGES") * 2
     layout = RamLayout((RamRegion(0, host_pages, 0),))
     session = AgentSession("host-run", layout, Recording(), RealClock())
@@ -259,3 +299,12 @@ class _RelayLink(AgentLink):
         conn.setblocking(False)  # type: ignore[attr-defined]
         self._sock = conn  # type: ignore[assignment]
         session.connected()
+
+
+def test_greet_asks_a_welcomed_agent_for_a_new_hello_only(agent) -> None:  # type: ignore[no-untyped-def]
+    a, _, wire, _ = agent
+    wire.take()
+    a.receive_line(p.encode(p.Greet())[:-1])
+    assert [m.TYPE for m in wire.take()] == ["hello"]
+    a.receive_line(p.encode(p.Greet())[:-1])  # hello already sent, not yet welcomed
+    assert wire.take() == []

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from memvisor.agent.guest import UnixClient, VirtioPort, find_port, run
-from memvisor.agent.reserve import ProcPagemap, Reservation
+from memvisor.agent.reserve import MIN_FREE_KBYTES, THP_CONTROL, ProcPagemap, Reservation
 
 DEFAULT_PORT_NAME = "org.memvisor.agent"
 
@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--device", help="path of the virtio-serial port device")
     where.add_argument("--unix", help="connect to this unix socket instead")
     parser.add_argument("--block-pages", type=int, default=512, help="until the host says")
+    parser.add_argument(
+        "--thp-control", default=THP_CONTROL, help="THP switch set to madvise if it says never"
+    )
+    parser.add_argument(
+        "--min-free-control", default=MIN_FREE_KBYTES, help="min_free_kbytes to keep as it was"
+    )
     args = parser.parse_args(argv)
     try:
         if args.unix:
@@ -34,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"memvisor.agent: serving on {channel.path}", file=sys.stderr, flush=True)
     try:
-        run(channel, Reservation(ProcPagemap(), block_pages=args.block_pages))
+        reservation = Reservation(ProcPagemap(), block_pages=args.block_pages)
+        reservation.thp_control = args.thp_control
+        reservation.min_free_control = args.min_free_control
+        run(channel, reservation)
     except KeyboardInterrupt:
         return 0
     return 0

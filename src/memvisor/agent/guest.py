@@ -18,6 +18,7 @@ import secrets
 import select
 import socket
 import statistics
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -70,7 +71,8 @@ class Agent:
             self._error(None, exc.code, str(exc))
             return
         if isinstance(msg, p.Greet):
-            self.connected()
+            if self.welcomed:  # else our hello is already on its way: no second one
+                self.connected()
         elif isinstance(msg, p.Welcome):
             self._welcome(msg)
         elif not self.welcomed:
@@ -314,6 +316,7 @@ class _Pump:
     def step(self, retry: float) -> None:
         if not self.up:
             if self.channel.try_connect():
+                _say("host side connected")
                 self.up = True
                 self.inbuf.clear()
                 self.agent.connected()
@@ -361,10 +364,15 @@ class _Pump:
             self.skipping = True
 
     def _down(self) -> None:
+        _say("host side gone; keeping the reservation")
         self.up = False
         self.out.clear()
         self.channel.close_connection()
         self.agent.disconnected()
+
+
+def _say(text: str) -> None:
+    print(f"memvisor.agent: {text}", file=sys.stderr, flush=True)
 
 
 def run(channel: Channel, reservation: Reservation, retry: float = 0.2) -> None:

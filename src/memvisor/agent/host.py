@@ -108,6 +108,19 @@ class AgentReport:
     mechanism: str
 
 
+def observation_fields(report: AgentReport) -> dict[str, int | float | None]:
+    """The :class:`~memvisor.model.VMObservation` fields an agent report fills (use with
+    ``dataclasses.replace`` or as keyword arguments). ``ballooned`` is the guest RAM the agent
+    holds (what the guest lost); what the host really freed is ``report.freed``."""
+    return {
+        "ballooned": report.held_present,
+        "balloon_target": report.target,
+        "guest_free": report.guest_free,
+        "guest_swapped_out_rate": report.guest_swapped_out_rate,
+        "reserved_paged_out_rate": report.reserved_paged_out_rate,
+    }
+
+
 class _Bucket:
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate, self.burst, self.tokens, self.last = rate, burst, burst, now

@@ -33,6 +33,32 @@ PRESENT = 1 << 63
 SWAPPED = 1 << 62
 
 
+THP_CONTROL = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+MIN_FREE_KBYTES = "/proc/sys/vm/min_free_kbytes"
+
+
+def enable_thp_for_madvised(path: str = THP_CONTROL, min_free: str = MIN_FREE_KBYTES) -> None:
+    """Make ``MADV_HUGEPAGE`` work. A kernel with less than 512 MiB of RAM starts with THP
+    ``never``; ``madvise`` turns it on for advised regions only (ours). Switching THP on also
+    raises ``min_free_kbytes`` (by ~30 MiB in a 512 MiB guest, which then has that much less
+    available memory): the old value is put back, so nothing else in the guest changes."""
+    with open(path) as f:
+        current = f.read()
+    if "[never]" not in current:
+        return
+    with open(min_free) as f:
+        old_min_free = f.read().strip()
+    with open(path, "w") as f:
+        f.write("madvise")
+    with open(min_free) as f:
+        raised = f.read().strip() != old_min_free
+    if raised:
+        with open(min_free, "w") as f:
+            f.write(old_min_free)
+
+
 class PagemapReader(Protocol):
     """Raw 64-bit pagemap entries of ``npages`` pages starting at virtual address ``addr``."""
 
@@ -134,6 +160,8 @@ class Reservation:
         self.clock = clock
         self.max_attempts = max_attempts
         self.extents: list[Extent] = []
+        self.thp_control = THP_CONTROL
+        self.min_free_control = MIN_FREE_KBYTES
 
     @property
     def held(self) -> int:
@@ -152,6 +180,8 @@ class Reservation:
         """Reserve ``pages`` more pages; returns the frames added (may be fewer if refused)."""
         if pages % self.block_pages:
             raise ValueError(f"{pages} pages is not a multiple of the block ({self.block_pages})")
+        if self.block_pages > 1:
+            enable_thp_for_madvised(self.thp_control, self.min_free_control)
         added: list[int] = []
         for _ in range(self.max_attempts):
             want = pages - len(added)

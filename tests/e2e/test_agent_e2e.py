@@ -1,0 +1,237 @@
+"""The reservation program in a real guest (QEMU, TCG, 512 MiB, file backing, zram swap).
+
+One VM for the module; the tests run in order and the last one replaces the agent by a
+hostile program. Host memory is measured as the residency of the VM's backing file (mincore),
+never from QEMU's RSS.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from memvisor.agent.backing import FileBacking, RamLayout
+from memvisor.agent.host import (
+    AgentSession,
+    AgentState,
+    ReservationDriver,
+    observation_fields,
+)
+from memvisor.agent.link import AgentLink
+from memvisor.backends.base import RealClock
+from memvisor.backends.qemu.launcher import GuestShell, VMProcess
+from memvisor.model import Backing, PowerState, VMObservation, VMSpec
+from memvisor.policy.balloon import BalloonController
+from memvisor.units import MiB
+
+pytestmark = pytest.mark.e2e
+MEMORY = 512 * MiB
+RESERVE = 128 * MiB
+PAGE = 4096
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the VM's backing file and QEMU's sockets are root's")
+
+
+class QmpBalloon:
+    """virtio-balloon through QMP: ``balloon`` takes the guest's new size."""
+
+    def __init__(self, vm: VMProcess) -> None:
+        self.vm = vm
+
+    def set_balloon(self, nbytes: int) -> None:
+        self.vm.qmp().cmd("balloon", value=MEMORY - nbytes)
+
+
+@dataclass
+class AgentVM:
+    vm: VMProcess
+    backing: FileBacking
+    session: AgentSession
+    link: AgentLink
+    driver: ReservationDriver
+
+    def wait(self, cond: Callable[[], bool], timeout: float, what: str) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            with self.link.lock:
+                if cond():
+                    return time.monotonic() - start
+            time.sleep(0.05)
+        events = "\n".join(str(e) for e in list(self.session.events)[-10:])
+        raise AssertionError(f"{what}: not within {timeout} s; events:\n{events}")
+
+    def set_target(self, nbytes: int) -> None:
+        with self.link.lock:
+            self.driver.set_target(nbytes)
+
+    def settled(self, pages: int) -> Callable[[], bool]:
+        s = self.session
+        return lambda: s.agent_held == pages and s._inflight is None and s._synced
+
+    def meminfo(self, shell: GuestShell, key: str) -> int:
+        out = shell.run(f"grep '^{key}:' /proc/meminfo", check=True).output
+        return int(out.split()[1]) * 1024
+
+    def resident(self) -> int:
+        return self.backing.resident_total() * PAGE
+
+
+@pytest.fixture(scope="module")
+def agent_vm(vm_factory: Callable[..., VMProcess]) -> Iterator[AgentVM]:
+    require_root()
+    vm = vm_factory("agent0", memory=MEMORY, backing=Backing.FILE)
+    layout = RamLayout.pc(MEMORY)
+    backing = FileBacking(str(vm.paths.memory), layout)
+    session = AgentSession("agent0", layout, backing, RealClock())
+    link = AgentLink(session, str(vm.paths.agent), lost_retry_s=600.0)
+    driver = ReservationDriver(session, QmpBalloon(vm))
+    link.start()
+    avm = AgentVM(vm, backing, session, link, driver)
+    try:
+        avm.wait(lambda: session.state is AgentState.READY and session._synced, 120, "hello")
+        yield avm
+    finally:
+        link.stop()
+        backing.close()
+
+
+@pytest.mark.timeout(300)
+def test_inflate_frees_host_memory_and_deflate_gives_it_back(agent_vm: AgentVM) -> None:
+    a = agent_vm
+    with GuestShell(a.vm.paths.shell) as sh:
+        # Touch most of the guest's free memory once, so its free frames are backed on the
+        # host: a reservation can only free backing that exists.
+        sh.run("dd if=/dev/zero of=/dev/null bs=300M count=1", timeout=120, check=True)
+        avail0 = a.meminfo(sh, "MemAvailable")
+        host0 = a.resident()
+        a.set_target(RESERVE)
+        took = a.wait(a.settled(RESERVE // PAGE), 120, "inflate")
+        time.sleep(1.5)  # one measuring interval
+        host1 = a.resident()
+        avail1 = a.meminfo(sh, "MemAvailable")
+        with a.link.lock:
+            report = a.session.report()
+        print(
+            f"inflate {RESERVE // MiB} MiB in {took:.2f} s; host backing {host0 / MiB:.0f} -> "
+            f"{host1 / MiB:.0f} MiB; guest MemAvailable {avail0 / MiB:.0f} -> "
+            f"{avail1 / MiB:.0f} MiB; session says freed {report.freed / MiB:.0f} MiB"
+        )
+        assert host0 - host1 >= 0.85 * RESERVE
+        assert report.freed >= 0.95 * RESERVE and report.held_present == RESERVE
+        assert avail0 - avail1 >= 0.8 * RESERVE
+        a.set_target(0)
+        took = a.wait(a.settled(0), 120, "deflate")
+        avail2 = a.meminfo(sh, "MemAvailable")
+        print(f"deflate in {took:.2f} s; guest MemAvailable back to {avail2 / MiB:.0f} MiB")
+        assert avail2 >= avail0 - 16 * MiB
+        assert a.session.held_ranges() == [] and a.session.violations == 0
+
+
+def _observation(a: AgentVM) -> VMObservation:
+    with a.link.lock:
+        report = a.session.report()
+    return VMObservation(
+        name="agent0",
+        time=a.session.clock.now(),
+        power=PowerState.ON,
+        memory=MEMORY,
+        consumed=a.resident(),
+        **observation_fields(report),  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.timeout(400)
+def test_guest_pressure_pages_reserved_pages_out_and_the_controller_deflates(
+    agent_vm: AgentVM,
+) -> None:
+    a = agent_vm
+    a.set_target(RESERVE)
+    a.wait(a.settled(RESERVE // PAGE), 120, "inflate")
+    with GuestShell(a.vm.paths.shell) as sh:
+        avail = a.meminfo(sh, "MemAvailable")
+        size = (avail + 96 * MiB) // MiB  # bigger than the guest's free memory
+        result: dict[str, str] = {}
+        prog = f"import time; b = b'x' * ({size} << 20); time.sleep(12)"
+
+        def workload() -> None:
+            result["out"] = sh.run(f'python3 -S -c "{prog}"; echo rc=$?', timeout=240).output
+
+        worker = threading.Thread(target=workload)
+        started = time.monotonic()
+        worker.start()
+        try:
+            a.wait(lambda: a.session.pageout_rate() > 0, 180, "page-out report")
+            seen = time.monotonic() - started
+            obs = _observation(a)
+            print(
+                f"workload of {size} MiB (guest had {avail / MiB:.0f} MiB available): "
+                f"reserved pages paged out, reported {seen:.1f} s after the workload "
+                f"started, at {obs.reserved_paged_out_rate:.0f} pages/s"
+            )
+            assert obs.reserved_paged_out_rate > 0
+            spec = VMSpec("agent0", MEMORY, backing=Backing.FILE)
+            step = BalloonController().step(obs, spec, RESERVE, a.session.clock.now())
+            print(f"controller: {step}")
+            assert step.limited and step.target < RESERVE and "reserved pages" in step.note
+            a.set_target(step.target)
+            pages = step.target // PAGE // 512 * 512
+            a.wait(lambda: a.session.agent_held <= pages, 120, "deflate by the controller")
+        finally:
+            worker.join()
+        assert "rc=0" in result["out"], result["out"]  # the workload was not OOM-killed
+    a.set_target(0)
+    a.wait(a.settled(0), 120, "deflate")
+
+
+def _replace_agent_with(sh: GuestShell, program: Path, args: str) -> str:
+    # Stop the restart loop /init runs the agent in (the agent's parent), then the agent.
+    sh.run(
+        "for p in $(pidof python3); do kill -9 $(awk '{print $4}' /proc/$p/stat) $p; done",
+        check=True,
+    )
+    code = base64.b64encode(program.read_bytes()).decode()
+    sh.run(f"echo {code} | base64 -d > /tmp/hostile.py", check=True)
+    return sh.run(f"python3 -S /tmp/hostile.py {args}", timeout=180, check=True).output
+
+
+@pytest.mark.timeout(400)
+def test_a_hostile_agent_does_no_harm_and_is_reported(agent_vm: AgentVM) -> None:
+    a = agent_vm
+    a.set_target(64 * MiB)
+    a.wait(a.settled(64 * MiB // PAGE), 120, "inflate")
+    host0 = a.resident()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with GuestShell(a.vm.paths.shell) as sh:
+        out = _replace_agent_with(sh, Path(__file__).with_name("agent_hostile.py"), "8")
+    print(out.strip())
+    a.wait(lambda: a.session.state is AgentState.LOST, 60, "hostile agent lost")
+    # Nothing of the VM was freed by the hostile input (measured before the balloon acts).
+    assert a.resident() >= host0 - 4 * MiB
+    with a.link.lock:
+        a.driver.sync()
+        events = [e.detail for e in a.session.events if e.kind == "violation"]
+        report = a.session.report()
+    codes = {d.split(":")[0] for d in events}
+    print(f"{report.violations} violations, codes {sorted(codes)}; lost: {a.session.lost_reason}")
+    assert {"range", "json", "limit"} <= codes
+    assert report.fallback_to_balloon and a.driver.balloon_bytes == 64 * MiB
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0 < 64 * MiB
+    assert a.link._thread is not None and a.link._thread.is_alive()
+    actual = 0
+    for _ in range(100):
+        actual = a.vm.qmp().cmd("query-balloon")["actual"]
+        if actual <= MEMORY - 60 * MiB:
+            break
+        time.sleep(0.2)
+    assert actual <= MEMORY - 60 * MiB  # virtio-balloon took over the reservation
