@@ -67,7 +67,7 @@ def parse_size(value: str | int, *, what: str = "size") -> int:
     if "." in number:
         whole, frac = number.split(".")
         scaled_num = int(whole + frac) * mult
-        denom = 10 ** len(frac)
+        denom = int(10 ** len(frac))
         if scaled_num % denom:
             raise InputError(f"{what}: {value!r} is not a whole number of bytes")
         return scaled_num // denom
