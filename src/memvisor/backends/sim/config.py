@@ -45,16 +45,18 @@ class TraceAccesses:
 class Workload:
     """What runs in a VM: its memory layout, content mix and behaviour over time.
 
-    At boot the guest touches ``footprint`` bytes of anonymous memory and reads
-    ``page_cache`` bytes of files. A fraction ``zero_fraction`` of those pages is zero-filled
-    and ``common_fraction`` has the same content in every VM of the same image and workload
-    (libraries, shared data); the rest is unique. Writes give a page new unique content.
+    At boot the guest touches ``prefill`` bytes (default: all) of its ``footprint`` of
+    anonymous memory, the rest on first use, and reads ``page_cache`` bytes of files. A
+    fraction ``zero_fraction`` of the pages is zero-filled and ``common_fraction`` has the same
+    content in every VM of the same image and workload (libraries, shared data); the rest is
+    unique. Writes give a page new unique content.
     With ``trace`` set, the trace's accesses replace the phases.
     """
 
     name: str = "default"
     footprint: int = 256 * MiB
     page_cache: int = 0
+    prefill: int | None = None  # anonymous bytes touched at boot (hottest first); None: all
     zero_fraction: float = 0.0
     common_fraction: float = 0.0
     phases: tuple[Phase, ...] = (Phase(),)

@@ -215,7 +215,10 @@ class SimHost:
         done = self.fault_in(vm, kernel)
         pt.content[done] = vm.kernel_base + (done - vm.offset)
         pt.use[kernel] = G_KERNEL
-        logical = np.arange(vm.anon_pages + vm.cache_pages, dtype=np.int64)
+        prefill = vm.cfg.workload.prefill
+        anon = vm.anon_pages if prefill is None else min(vm.anon_pages, prefill // PAGE_SIZE)
+        cache = np.arange(vm.anon_pages, vm.anon_pages + vm.cache_pages, dtype=np.int64)
+        logical = np.concatenate((np.sort(vm.ws_order[:anon]), cache))
         g = guest.alloc(self, vm, logical.size)
         guest.place(self, vm, logical[: g.size], g)
         touched = np.flatnonzero(pt.last_access[vm.sl] == self.tick) + vm.offset

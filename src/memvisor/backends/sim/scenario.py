@@ -204,6 +204,7 @@ PHASE_FIELDS: dict[str, tuple[str, Convert]] = {
 WORKLOAD_FIELDS: dict[str, tuple[str, Convert]] = {
     "footprint": ("footprint", size),
     "page_cache": ("page_cache", size),
+    "prefill": ("prefill", size),
     "zero_fraction": ("zero_fraction", number(0.0, 1.0)),
     "common_fraction": ("common_fraction", number(0.0, 1.0)),
 }
