@@ -19,6 +19,8 @@ nothing to import):
     module ends.
 ``booted_vm`` (module)
     One ready 256 MiB anonymous-memory VM from ``vm_factory``.
+``qemu_as_root`` (session)
+    Depend on it to skip, with the reason, unless QEMU, the guest kernel and root are there.
 ``guest_shell`` (function)
     A :class:`~memvisor.backends.qemu.launcher.GuestShell` on ``booted_vm``:
     ``guest_shell.run("cat /proc/meminfo").output``.
@@ -57,6 +59,13 @@ def require_qemu() -> None:
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: host memory interfaces (/proc/PID/pagemap, KSM, cgroups)")
+
+
+@pytest.fixture(scope="session")
+def qemu_as_root() -> None:
+    """Skips (with the reason) unless QEMU, the guest kernel and root are all there."""
+    require_qemu()
+    require_root()
 
 
 @pytest.fixture(scope="session")

@@ -102,6 +102,7 @@ class LaunchSpec:
     free_page_reporting: bool = False
     balloon_stats_interval: int = 2  # seconds; 0 disables guest-stats polling
     extra_cmdline: str = ""
+    preallocate: bool = True  # file backing: posix_fallocate the swap file at power-on
     extra_args: tuple[str, ...] = field(default=())
 
     def validate(self) -> None:
@@ -243,7 +244,7 @@ class VMProcess:
         vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             if spec.backing is Backing.FILE:
-                swapfile.create(paths.memory, spec.memory)
+                swapfile.create(paths.memory, spec.memory, preallocate=spec.preallocate)
             popen = _spawn(qemu_command(spec, image, paths), paths, cgroup_procs)
         except BaseException:
             _remove_vm_files(paths, remove_dir=created_dir)

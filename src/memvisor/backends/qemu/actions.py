@@ -1,0 +1,179 @@
+"""Actions on real VMs. Each takes a target (so repeating it changes nothing more) and reports
+what the host really got back, measured by residency of the VM's file (file backing), ``smaps``
+of the guest RAM mapping (anonymous backing) and ``/proc/meminfo``, never QEMU's RSS.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from memvisor.backends.qemu import hostmem, swapout
+from memvisor.errors import BackendError, InputError
+from memvisor.model import ActionResult, Backing, SetBalloon, SetKsm, SetSwapTarget
+from memvisor.units import PAGE_SIZE, MiB, format_size
+
+if TYPE_CHECKING:
+    from memvisor.backends.qemu.host import QemuHost, RunningVM
+
+MIN_GUEST = 64 * MiB  # the balloon never leaves a guest less than this
+BALLOON_SETTLE = 15.0  # seconds to wait for the guest to reach a balloon target
+KSM_DIR = Path("/sys/kernel/mm/ksm")
+
+
+def consumed(host: QemuHost, vm: RunningVM) -> int:
+    """Host memory held by the VM's guest RAM right now."""
+    if vm.spec.backing is Backing.FILE:
+        return int(hostmem.file_resident_pages(vm.process.paths.memory).sum()) * PAGE_SIZE
+    return hostmem.ram_smaps(vm.process.pid, host.ram_hva(vm)).get("Rss", 0)
+
+
+def set_balloon(host: QemuHost, vm: RunningVM, action: SetBalloon) -> ActionResult:
+    spec = vm.spec
+    ceiling = spec.memory - max(spec.reservation, MIN_GUEST)
+    target = max(0, min(action.target, ceiling))
+    qmp = vm.process.qmp()
+    before, free_before = consumed(host, vm), hostmem.meminfo()["MemAvailable"]
+    qmp.cmd("balloon", value=spec.memory - target)
+    vm.balloon_target = target
+    actual = _wait_balloon(qmp, spec.memory - target)
+    after, free_after = consumed(host, vm), hostmem.meminfo()["MemAvailable"]
+    held = spec.memory - actual
+    note = f" (clamped from {format_size(action.target)})" if target != action.target else ""
+    return ActionResult(
+        action,
+        ok=abs(held - target) <= 4 * MiB,
+        achieved=max(0, before - after),
+        message=(
+            f"{spec.name}: balloon holds {format_size(held)} of target {format_size(target)}"
+            f"{note}; guest RAM on host {format_size(before)} -> {format_size(after)}; host "
+            f"MemAvailable {free_after - free_before:+d} bytes"
+        ),
+    )
+
+
+def _wait_balloon(qmp: object, actual_target: int) -> int:
+    """Poll query-balloon until it reaches the target or stops moving; returns ``actual``."""
+    deadline = time.monotonic() + BALLOON_SETTLE
+    last, last_change = -1, time.monotonic()
+    while True:
+        actual = int(qmp.cmd("query-balloon")["actual"])  # type: ignore[attr-defined]
+        now = time.monotonic()
+        if abs(actual - actual_target) < MiB or now > deadline or now - last_change > 3.0:
+            return actual
+        if actual != last:
+            last, last_change = actual, now
+        time.sleep(0.1)
+
+
+def set_swap_target(host: QemuHost, vm: RunningVM, action: SetSwapTarget) -> ActionResult:
+    spec = vm.spec
+    if spec.backing is not Backing.FILE:
+        return ActionResult(
+            action,
+            ok=False,
+            message=(f"{spec.name}: anonymous backing has no per-VM swap file; use the balloon"),
+        )
+    floor = max(action.resident_limit, spec.reservation)
+    resident = hostmem.file_resident_pages(vm.process.paths.memory)
+    before = int(resident.sum()) * PAGE_SIZE
+    if before <= floor:
+        return ActionResult(
+            action,
+            ok=True,
+            message=(
+                f"{spec.name}: {format_size(before)} resident, already within {format_size(floor)}"
+            ),
+        )
+    chunks = swapout.choose_chunks(resident, before - floor, cap=before - spec.reservation)
+    return _page_out(host, vm, action, chunks, before)
+
+
+def swap_out_ranges(host: QemuHost, vm: RunningVM, ranges: list[tuple[int, int]]) -> ActionResult:
+    """Swap out the given (file offset, length) ranges, widened to 2 MiB chunks; refuses if
+    that would leave less than the reservation resident."""
+    resident = hostmem.file_resident_pages(vm.process.paths.memory)
+    before = int(resident.sum()) * PAGE_SIZE
+    chunks = swapout.align_ranges(ranges, vm.spec.memory)
+    evictable = PAGE_SIZE * sum(
+        int(resident[o // PAGE_SIZE : (o + n) // PAGE_SIZE].sum()) for o, n in chunks
+    )
+    if before - evictable < vm.spec.reservation:
+        raise InputError(
+            f"{vm.spec.name}: swapping out {format_size(evictable)} would leave less than the "
+            f"reservation {format_size(vm.spec.reservation)} resident"
+        )
+    action = SetSwapTarget(vm.spec.name, before - evictable)
+    return _page_out(host, vm, action, chunks, before)
+
+
+def _page_out(
+    host: QemuHost,
+    vm: RunningVM,
+    action: SetSwapTarget,
+    chunks: list[tuple[int, int]],
+    before: int,
+) -> ActionResult:
+    path = vm.process.paths.memory
+    base = _file_mapping_base(vm.process.pid, path)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    start = time.perf_counter()
+    try:
+        swapout.page_out(vm.process.pid, fd, base, chunks)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - start
+    after = int(hostmem.file_resident_pages(path).sum()) * PAGE_SIZE
+    freed = max(0, before - after)
+    return ActionResult(
+        action,
+        ok=True,
+        achieved=freed,
+        message=(
+            f"{vm.spec.name}: wrote back and evicted {format_size(sum(n for _, n in chunks))} in"
+            f" {seconds:.2f} s;"
+            f" resident {format_size(before)} -> {format_size(after)} (freed {format_size(freed)})"
+        ),
+    )
+
+
+def _file_mapping_base(pid: int, path: Path) -> int:
+    """Start of QEMU's mapping of the VM's file at offset 0."""
+    target = str(path.resolve())
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] == target and int(parts[2], 16) == 0:
+            return int(parts[0].split("-")[0], 16)
+    raise BackendError(f"QEMU pid {pid} has no mapping of {target}")
+
+
+def set_ksm(action: SetKsm) -> ActionResult:
+    if action.run not in (0, 1, 2):
+        raise InputError(f"SetKsm.run: expected 0, 1 or 2, got {action.run}")
+    values = {"run": action.run}
+    if action.pages_to_scan is not None:
+        if not 1 <= action.pages_to_scan <= 1_000_000:
+            raise InputError(f"SetKsm.pages_to_scan: 1..1000000, got {action.pages_to_scan}")
+        values["pages_to_scan"] = action.pages_to_scan
+    if action.sleep_millisecs is not None:
+        if not 0 <= action.sleep_millisecs <= 60_000:
+            raise InputError(f"SetKsm.sleep_millisecs: 0..60000, got {action.sleep_millisecs}")
+        values["sleep_millisecs"] = action.sleep_millisecs
+    try:
+        for key in ("pages_to_scan", "sleep_millisecs", "run"):  # run last: settings first
+            if key in values and (KSM_DIR / key).read_text().strip() != str(values[key]):
+                (KSM_DIR / key).write_text(str(values[key]))
+    except PermissionError as exc:
+        raise BackendError(f"KSM settings in {KSM_DIR}: needs root ({exc})") from exc
+    stats = hostmem.ksm_stats()
+    return ActionResult(
+        action,
+        ok=True,
+        achieved=stats.pages_sharing * PAGE_SIZE,
+        message=(
+            f"KSM run={stats.run} pages_to_scan={stats.pages_to_scan} "
+            f"sleep_millisecs={stats.sleep_millisecs}; pages_sharing={stats.pages_sharing}"
+        ),
+    )

@@ -1,0 +1,313 @@
+"""The real host backend: QEMU VMs with per-VM swap files, probes and actions.
+
+:class:`QemuHost` implements :class:`memvisor.backends.base.HostBackend`. It keeps one
+directory per VM under ``<state>/vms/<name>`` (see :mod:`.vmrecord`, :mod:`.launcher`).
+Creating a ``QemuHost`` re-attaches to the VMs its records say are on (QEMU survives the
+manager) and cleans up after those that died; :meth:`QemuHost.orphans` reports what no record
+owns.
+
+Every measurement comes from the host, never from QEMU's RSS: the residency of the VM's file
+(file backing), ``smaps`` of the exact guest RAM mapping (anonymous backing), KSM's per-process
+counter, ``/proc/meminfo``. Working set: ``/proc/PID/clear_refs`` then, one observation later,
+``Referenced`` of the RAM mapping (this kernel has no page_idle; this is the accessed-bit
+method of Gregg's wss, over the whole RAM at no per-page cost; it also ages the pages for the
+host's own reclaim, which is what we want for guest RAM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memvisor.backends.base import Clock, RealClock
+from memvisor.backends.qemu import accel as accel_mod
+from memvisor.backends.qemu import actions, hostmem, swapout, vmrecord
+from memvisor.backends.qemu.cgroup import MemoryCgroup
+from memvisor.backends.qemu.launcher import (
+    BALLOON_ID,
+    LaunchSpec,
+    VMPaths,
+    VMProcess,
+    pid_runs_vm,
+)
+from memvisor.backends.qemu.vmrecord import Orphan, VMRecord
+from memvisor.errors import BackendError, InputError, NotFoundError
+from memvisor.guestimage import GuestImage, build_image
+from memvisor.model import (
+    Action,
+    ActionResult,
+    Backing,
+    HostObservation,
+    PowerState,
+    SetBalloon,
+    SetKsm,
+    SetSwapTarget,
+    VMObservation,
+    VMSpec,
+)
+
+SHARING_SAMPLES = 1000  # FACTS: within ~2 points of a full scan's shared fraction
+
+
+@dataclass
+class RunningVM:
+    """A powered-on VM as the manager holds it."""
+
+    record: VMRecord
+    process: VMProcess
+    cgroup: MemoryCgroup | None
+    ram_hva: int | None = None
+    balloon_target: int = 0
+    refs_cleared_at: float | None = None
+    last_stats: dict[str, Any] = field(default_factory=dict)
+    last_stats_time: float | None = None
+
+    @property
+    def spec(self) -> VMSpec:
+        return self.record.spec
+
+
+class QemuHost:
+    """Real VMs on this host. ``pools`` (a :class:`memvisor.pools.PoolTree`) admits power-on."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        pools: Any = None,
+        image: GuestImage | None = None,
+        accel: str | None = None,
+        clock: Clock | None = None,
+        use_cgroups: bool = True,
+        preallocate: bool = True,
+    ) -> None:
+        self.state_dir = state_dir
+        self.pools = pools
+        self._image = image
+        self._accel_override = accel
+        self.clock = clock or RealClock()
+        self.use_cgroups = use_cgroups
+        self.preallocate = preallocate
+        self._records: dict[str, VMRecord] = {}
+        self._running: dict[str, RunningVM] = {}
+        self.events: list[str] = []  # what attach found: re-attached, crashed, cleaned
+        self._attach()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        for record in vmrecord.load_all(self.state_dir):
+            self._records[record.spec.name] = record
+            if record.power not in (PowerState.ON, PowerState.STARTING, PowerState.STOPPING):
+                continue
+            paths = VMPaths(vmrecord.vm_dir(self.state_dir, record.spec.name))
+            if record.pid is not None and pid_runs_vm(record.pid, paths):
+                self._running[record.spec.name] = self._attached(record, paths)
+                self.events.append(f"{record.spec.name}: re-attached to QEMU pid {record.pid}")
+            else:
+                self._mark_crashed(record, "QEMU was gone when the manager started")
+
+    def _attached(self, record: VMRecord, paths: VMPaths) -> RunningVM:
+        launch = _launch_spec(record.spec, record.accel)
+        proc = VMProcess(launch, paths, record.pid or 0, None)
+        cg = None
+        if record.cgroup_version and record.cgroup_path:
+            cg = MemoryCgroup.existing(record.cgroup_version, Path(record.cgroup_path))
+        vm = RunningVM(record, proc, cg)
+        with contextlib.suppress(BackendError):
+            actual = int(proc.qmp().cmd("query-balloon")["actual"])
+            vm.balloon_target = max(0, record.spec.memory - actual)
+        return vm
+
+    def image(self) -> GuestImage:
+        if self._image is None:
+            self._image = build_image()
+        return self._image
+
+    def power_on(self, spec: VMSpec, *, timeout: float = 180.0) -> VMRecord:
+        """Admit, create the swap file and cgroup, start QEMU, wait for the guest. Refusals
+        (admission, disk space) leave nothing behind."""
+        name = spec.name
+        _launch_spec(spec, "tcg").validate()
+        if name in self._running:
+            raise InputError(f"power-on {name}: already on (pid {self._running[name].process.pid})")
+        image = self.image()
+        accel = accel_mod.choose(self._accel_override).accel
+        self._admit(spec)
+        cg: MemoryCgroup | None = None
+        proc: VMProcess | None = None
+        try:
+            if self.use_cgroups:
+                hard = spec.memory if spec.backing is Backing.ANON else spec.effective_limit
+                cg = MemoryCgroup.create(name, reservation=spec.reservation, limit=hard)
+            vdir = vmrecord.vm_dir(self.state_dir, name)
+            launch = _launch_spec(spec, accel, self.preallocate)
+            proc = VMProcess.start(launch, vdir, image, cgroup_procs=cg.procs if cg else None)
+            record = VMRecord(
+                spec, PowerState.STARTING, proc.pid, accel, str(image.kernel), str(image.initrd),
+                cg.version if cg else None, str(cg.path) if cg else None, time.time(),
+            )  # fmt: skip
+            vmrecord.save(self.state_dir, record)
+            proc.wait_ready(timeout)
+            record = record.with_(power=PowerState.ON)
+            vm = RunningVM(record, proc, cg)
+            self._start_stats_polling(vm)
+        except BaseException:
+            if proc is not None:
+                proc.stop()
+            if cg is not None:
+                cg.remove()
+            self._release(spec)
+            if proc is not None:
+                self._save(VMRecord(spec, PowerState.OFF, message="power-on failed"))
+            raise
+        self._running[name] = vm
+        self._save(record)
+        return record
+
+    def power_off(self, name: str) -> VMRecord:
+        vm = self._running.pop(name, None)
+        if vm is None:
+            raise NotFoundError(f"power-off {name}: no powered-on VM of that name")
+        self._save(vm.record.with_(power=PowerState.STOPPING))
+        vm.process.stop()
+        if vm.cgroup is not None:
+            vm.cgroup.remove()
+        self._release(vm.spec)
+        record = vm.record.with_(power=PowerState.OFF, pid=None, message="powered off")
+        self._save(record)
+        return record
+
+    def close(self) -> None:
+        """Drop QMP connections; VMs keep running (a later QemuHost re-attaches)."""
+        for vm in self._running.values():
+            vm.process.close_qmp()
+
+    def records(self) -> list[VMRecord]:
+        return [self._records[n] for n in sorted(self._records)]
+
+    def running(self, name: str) -> RunningVM:
+        self.check_crashes()
+        try:
+            return self._running[name]
+        except KeyError:
+            raise NotFoundError(f"VM {name}: not powered on") from None
+
+    def orphans(self) -> list[Orphan]:
+        known = {vm.process.pid for vm in self._running.values()}
+        return vmrecord.find_orphans(self.state_dir, known)
+
+    def check_crashes(self) -> list[str]:
+        """Notice VMs whose QEMU died; clean up their swap file, cgroup and admission."""
+        crashed = [n for n, vm in self._running.items() if not vm.process.alive()]
+        for name in crashed:
+            vm = self._running.pop(name)
+            code = vm.process.exit_code()
+            vm.process.close_qmp()
+            if vm.cgroup is not None:
+                vm.cgroup.remove()
+            self._mark_crashed(vm.record, f"QEMU exited (code {code})")
+        return crashed
+
+    def _mark_crashed(self, record: VMRecord, why: str) -> None:
+        paths = VMPaths(vmrecord.vm_dir(self.state_dir, record.spec.name))
+        for p in (paths.memory, paths.qmp, paths.qmp_aux, paths.agent, paths.shell, paths.gdb):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        if record.cgroup_version and record.cgroup_path:
+            cg = MemoryCgroup.existing(record.cgroup_version, Path(record.cgroup_path))
+            if cg is not None:
+                with contextlib.suppress(OSError):
+                    cg.remove()
+        self._release(record.spec)
+        self._save(record.with_(power=PowerState.CRASHED, pid=None, message=why))
+        self.events.append(f"{record.spec.name}: crashed: {why}; swap file removed")
+
+    def _save(self, record: VMRecord) -> None:
+        self._records[record.spec.name] = record
+        vmrecord.save(self.state_dir, record)
+
+    def _admit(self, spec: VMSpec) -> None:
+        if self.pools is None:
+            return
+        if spec.name not in self.pools:
+            self.pools.add_vm(spec.name, spec.pool, spec.memory, spec.reservation, spec.limit)
+        self.pools.power_on(spec.name)  # raises AdmissionError, changing nothing
+
+    def _release(self, spec: VMSpec) -> None:
+        if self.pools is not None and spec.name in self.pools:
+            with contextlib.suppress(InputError):
+                self.pools.power_off(spec.name)
+
+    def _start_stats_polling(self, vm: RunningVM) -> None:
+        path = f"/machine/peripheral/{BALLOON_ID}"
+        vm.process.qmp().cmd("qom-set", path=path, property="guest-stats-polling-interval", value=2)
+
+    # --- HostBackend -------------------------------------------------------------------------
+
+    def specs(self) -> list[VMSpec]:
+        return [r.spec for r in self.records()]
+
+    def observe_host(self) -> HostObservation:
+        info = hostmem.meminfo()
+        return HostObservation(
+            time=self.clock.now(),
+            total=info.get("MemTotal", 0),
+            free=info.get("MemAvailable", info.get("MemFree", 0)),
+            ksm=hostmem.ksm_stats(),
+        )
+
+    def observe_vms(self) -> list[VMObservation]:
+        self.check_crashes()
+        out = []
+        for name, record in sorted(self._records.items()):
+            if name in self._running:
+                out.append(self.observe_vm(name))
+            else:
+                out.append(
+                    VMObservation(name, self.clock.now(), record.power, record.spec.memory, 0)
+                )
+        return out
+
+    def observe_vm(self, name: str, *, sharing: bool = True) -> VMObservation:
+        from memvisor.backends.qemu import probes
+
+        return probes.observe(self, self.running(name), sharing=sharing)
+
+    def ram_hva(self, vm: RunningVM) -> int:
+        """Host-virtual address of guest RAM in QEMU (``gpa2hva 0``), checked against maps."""
+        if vm.ram_hva is None:
+            text = vm.process.qmp().hmp("gpa2hva 0")
+            m = re.search(r"is (0x[0-9a-fA-F]+)", text)
+            if m is None:
+                raise BackendError(f"VM {vm.spec.name}: gpa2hva 0 answered {text!r}")
+            vm.ram_hva = int(m.group(1), 16)
+        return vm.ram_hva
+
+    def swap_out_guest(self, name: str, gpa_ranges: list[tuple[int, int]]) -> ActionResult:
+        """Swap out chosen guest-physical ranges (address, length) of a file-backed VM to its
+        own file; never below its reservation. What the host got back is measured."""
+        vm = self.running(name)
+        if vm.spec.backing is not Backing.FILE:
+            raise InputError(f"{name}: only file-backed VMs have a swap file")
+        spans = [s for gpa, n in gpa_ranges for s in swapout.pc_file_spans(gpa, n, vm.spec.memory)]
+        return actions.swap_out_ranges(self, vm, spans)
+
+    def apply(self, action: Action) -> ActionResult:
+        if isinstance(action, SetBalloon):
+            return actions.set_balloon(self, self.running(action.vm), action)
+        if isinstance(action, SetSwapTarget):
+            return actions.set_swap_target(self, self.running(action.vm), action)
+        if isinstance(action, SetKsm):
+            return actions.set_ksm(action)
+        raise InputError(f"unknown action {action!r}")
+
+
+def _launch_spec(spec: VMSpec, accel: str, preallocate: bool = True) -> LaunchSpec:
+    return LaunchSpec(
+        spec.name, spec.memory, spec.backing, spec.vcpus, accel, preallocate=preallocate
+    )

@@ -1,0 +1,167 @@
+"""E2E: the QEMU host backend on real guests (TCG): one file-backed and two anonymous VMs.
+
+Balloon an anonymous VM and see host memory drop; swap 64 MiB of chosen guest pages of the
+file VM out to its own file with the guest's data intact; KSM merges identical pages of the two
+anonymous VMs and the sharing metric sees it. The VMs boot once for the module.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from memvisor.backends.base import HostBackend
+from memvisor.backends.qemu import hostmem
+from memvisor.backends.qemu.host import QemuHost
+from memvisor.backends.qemu.launcher import GuestShell
+from memvisor.guestimage import build_image
+from memvisor.model import Backing, PowerState, SetBalloon, SetKsm, SetSwapTarget, VMSpec
+from memvisor.sharing.sampler import sample_guest_ram
+from memvisor.units import PAGE_SIZE, MiB
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+MEMBUF = Path(__file__).parent / "guest" / "membuf.py"
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory, qemu_as_root: None) -> Iterator[QemuHost]:
+    image = build_image(extra_files={"/opt/test/membuf.py": MEMBUF})
+    h = QemuHost(tmp_path_factory.mktemp("state"), image=image, accel="tcg")
+    try:
+        h.power_on(VMSpec("filevm", 256 * MiB, reservation=32 * MiB, backing=Backing.FILE))
+        h.power_on(VMSpec("anon1", 256 * MiB, backing=Backing.ANON))
+        h.power_on(VMSpec("anon2", 256 * MiB, backing=Backing.ANON))
+        yield h
+    finally:
+        for rec in h.records():
+            if rec.power is PowerState.ON:
+                h.power_off(rec.spec.name)
+
+
+def shell(host: QemuHost, name: str) -> GuestShell:
+    return GuestShell(host.running(name).process.paths.shell)
+
+
+def start_membuf(host: QemuHost, name: str, mib: int, seed: int) -> dict[str, object]:
+    """Run the buffer program in the guest; returns its ranges and checksum once it is up."""
+    with shell(host, name) as sh:
+        sh.run(f"mkdir -p /tmp/mb && setsid python3 -S /opt/test/membuf.py {mib} {seed} /tmp/mb"
+               " >/tmp/mb/log 2>&1 &", check=True)  # fmt: skip
+        for _ in range(300):
+            out = sh.run("cat /tmp/mb/ranges 2>/dev/null && echo && cat /tmp/mb/sum").output
+            if out.strip() and "\n" in out.strip():
+                ranges_text, checksum = out.strip().rsplit("\n", 1)
+                return {"ranges": json.loads(ranges_text), "sum": checksum.strip()}
+            time.sleep(0.5)
+        raise AssertionError(sh.run("cat /tmp/mb/log").output)
+
+
+def guest_checksum(host: QemuHost, name: str) -> str:
+    with shell(host, name) as sh:
+        sh.run("rm -f /tmp/mb/sum2; touch /tmp/mb/check", check=True)
+        for _ in range(300):
+            out = sh.run("cat /tmp/mb/sum2 2>/dev/null").output.strip()
+            if out:
+                return out
+            time.sleep(0.5)
+    raise AssertionError("the guest never checksummed its buffer again")
+
+
+def cgroup_usage(host: QemuHost, name: str) -> int:
+    cg = host.running(name).cgroup
+    assert cg is not None, "no memory cgroup"
+    return cg.usage()
+
+
+def test_backend_satisfies_the_protocol_and_observes(host: QemuHost) -> None:
+    assert isinstance(host, HostBackend)
+    obs = {o.name: o for o in host.observe_vms()}
+    assert set(obs) == {"filevm", "anon1", "anon2"}
+    for o in obs.values():
+        assert o.power is PowerState.ON and 32 * MiB < o.consumed <= 256 * MiB
+        assert o.sharing is not None and o.sharing.sampled > 0
+    assert host.observe_host().total > 0
+
+
+def test_balloon_lowers_host_memory(host: QemuHost) -> None:
+    with shell(host, "anon1") as sh:  # touch guest memory, then free it inside the guest
+        sh.run("dd if=/dev/urandom of=/tmp/fill bs=1M count=96 2>/dev/null; rm /tmp/fill",
+               check=True, timeout=120)  # fmt: skip
+    before = host.observe_vm("anon1", sharing=False).consumed
+    usage_before = cgroup_usage(host, "anon1")
+    result = host.apply(SetBalloon("anon1", 128 * MiB))
+    assert result.ok, result.message
+    time.sleep(1)
+    after = host.observe_vm("anon1", sharing=False)
+    assert after.ballooned >= 120 * MiB
+    assert before - after.consumed >= 64 * MiB, result.message
+    assert usage_before - cgroup_usage(host, "anon1") >= 64 * MiB, "cgroup charge did not drop"
+    assert host.apply(SetBalloon("anon1", 128 * MiB)).achieved < 8 * MiB  # idempotent
+    assert host.apply(SetBalloon("anon1", 0)).ok  # deflate: the KSM test needs the memory
+    assert host.observe_vm("anon1", sharing=False).ballooned < 4 * MiB
+
+
+def test_swap_out_64mib_to_the_vms_own_file(host: QemuHost) -> None:
+    buf = start_membuf(host, "filevm", 64, seed=7)
+    gpa_ranges = [(int(a), int(n)) for a, n in buf["ranges"]]  # type: ignore[union-attr]
+    assert sum(n for _, n in gpa_ranges) == 64 * MiB
+    vm = host.running("filevm")
+    path = vm.process.paths.memory
+    swaps_before = Path("/proc/swaps").read_text()
+    other_before = host.observe_vm("anon2", sharing=False).consumed
+    usage_before = cgroup_usage(host, "filevm")
+    result = host.swap_out_guest("filevm", gpa_ranges)
+    assert result.ok and result.achieved >= 60 * MiB, result.message
+    assert host.observe_vm("filevm", sharing=False).swapped >= 56 * MiB
+    resident = hostmem.file_resident_pages(path)
+    written = hostmem.pages_in_extents(hostmem.written_extents(path), len(resident))
+    pages = [p for gpa, n in gpa_ranges for p in range(gpa // PAGE_SIZE, (gpa + n) // PAGE_SIZE)]
+    still = sum(bool(resident[p]) for p in pages)
+    assert still * PAGE_SIZE < 8 * MiB, f"{still} buffer pages still resident"
+    assert all(written[p] for p in pages), "buffer pages are not in the VM's file"
+    assert usage_before - cgroup_usage(host, "filevm") >= 48 * MiB, "host memory did not drop"
+    assert Path("/proc/swaps").read_text() == swaps_before  # no host swap device was used
+    assert abs(host.observe_vm("anon2", sharing=False).consumed - other_before) < 16 * MiB
+    assert guest_checksum(host, "filevm") == buf["sum"]
+    back = hostmem.file_resident_pages(path)
+    assert sum(bool(back[p]) for p in pages) * PAGE_SIZE >= 60 * MiB  # faulted back from file
+
+
+def test_swap_target_never_goes_below_the_reservation(host: QemuHost) -> None:
+    result = host.apply(SetSwapTarget("filevm", 0))
+    assert result.ok, result.message
+    resident = host.observe_vm("filevm", sharing=False).consumed
+    assert resident >= 32 * MiB - 2 * MiB, result.message  # guest activity may add, never less
+    assert not host.apply(SetSwapTarget("anon2", 0)).ok  # anonymous: no swap file
+
+
+def test_ksm_merges_identical_pages_of_two_anonymous_vms(host: QemuHost) -> None:
+    saved = hostmem.ksm_stats()
+    try:
+        for name in ("anon1", "anon2"):
+            start_membuf(host, name, 64, seed=42)
+        vms = [host.running(n) for n in ("anon1", "anon2")]
+        before = [sample_guest_ram(v.process.pid, host.ram_hva(v), v.spec.memory,
+                                   samples=4000, seed=1) for v in vms]  # fmt: skip
+        host.apply(SetKsm(run=1, pages_to_scan=5000, sleep_millisecs=10))
+        deadline = time.monotonic() + 120
+        merged = 0
+        while time.monotonic() < deadline:
+            merged = min(hostmem.ksm_merging_bytes(v.process.pid) for v in vms)
+            if merged >= 48 * MiB:
+                break
+            time.sleep(2)
+        assert merged >= 48 * MiB, f"KSM merged only {merged} bytes"
+        after = [sample_guest_ram(v.process.pid, host.ram_hva(v), v.spec.memory,
+                                  samples=4000, seed=1) for v in vms]  # fmt: skip
+        for b, a in zip(before, after, strict=True):
+            assert a.shared_fraction - b.shared_fraction >= 0.1, (b, a)
+            assert a.expected_freed_per_page < b.expected_freed_per_page
+        obs = host.observe_vm("anon2")
+        assert obs.shared >= 48 * MiB and obs.sharing is not None
+    finally:
+        host.apply(SetKsm(saved.run, saved.pages_to_scan, saved.sleep_millisecs))
