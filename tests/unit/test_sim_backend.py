@@ -134,3 +134,18 @@ def test_from_specs_builds_a_host_like_the_daemon_config() -> None:
     assert h.check() == []
     assert h.observe_host().total == 600 * MiB
     assert {o.name for o in h.observe_vms()} == {"web1", "db1"}
+
+
+def test_phases_count_from_the_hosts_start_not_the_clocks_origin() -> None:
+    from memvisor.backends.sim.config import Phase, Workload
+
+    wl = Workload(
+        footprint=64 * MiB,
+        phases=(Phase(duration=2, working_set=8 * MiB, access_rate=100), Phase(access_rate=900)),
+    )
+    h = SimHost(SimHostConfig(memory=512 * MiB), [vm("a", wl)], clock=ManualClock(1000.0))
+    rates = []
+    for _ in range(4):
+        h.step()
+        rates.append(h.vms[0].demand)
+    assert rates == [100, 100, 900, 900]

@@ -103,6 +103,7 @@ class SimHost:
         self.dt = tick
         self.clock = clock if clock is not None else ManualClock()
         self.tick = 0
+        self.start_time = self.clock.now()  # workload phases and traces count from here
         self.rng = np.random.default_rng([seed, 1])
         self.obs_rng = np.random.default_rng([seed, 2])
         self.ksm_run = host.ksm_run
@@ -328,7 +329,7 @@ class SimHost:
         if dt <= 0:
             raise InputError(f"tick must be positive, got {dt}")
         self.tick += 1
-        t = self.clock.now()
+        t = self.clock.now() - self.start_time
         for vm in self.vms:
             guest.balloon_step(self, vm)
             self._swap_step(vm)
