@@ -267,7 +267,11 @@ def test_ksm_merged_identical_pages(spawn: Callable[..., Helper], fast_ksm: None
         if sa.ksm_fraction == sb.ksm_fraction == 1.0 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert sa.ksm_fraction == sb.ksm_fraction == 1.0, "KSM did not merge within 90 s"
+    knobs = {k: (KSM_DIR / k).read_text().strip() for k in (*KSM_KNOBS, "full_scans")}
+    assert sa.ksm_fraction == sb.ksm_fraction == 1.0, (
+        f"KSM merged {sa.ksm_fraction:.1%} and {sb.ksm_fraction:.1%} of the pages within 90 s; "
+        f"KSM now {knobs} (did another process change /sys/kernel/mm/ksm meanwhile?)"
+    )
     for s in (sa, sb):
         assert s.mean_harmonic == s.median == pytest.approx(2.0)
         assert s.expected_freed_per_page == pytest.approx(0.5)
