@@ -18,7 +18,9 @@ The group also measures what a VM really costs the host: ``memory.stat`` (v1 ``r
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import time
 from pathlib import Path
 
 from memvisor.errors import BackendError, PermissionNeededError
@@ -41,21 +43,24 @@ def detect() -> tuple[str, Path] | None:
 
 
 class MemoryCgroup:
-    """The memory cgroup of one VM (``<root>/memvisor/<vm>``)."""
+    """The memory cgroup of one VM (``<root>/memvisor/<vm>.<scope>``)."""
 
     def __init__(self, version: str, path: Path) -> None:
         self.version = version
         self.path = path
 
     @classmethod
-    def create(cls, vm: str, *, reservation: int, limit: int) -> MemoryCgroup | None:
-        """Create (or reuse) and configure the VM's group; None if the host has no memory
-        controller (the VM runs unconstrained: the probes still work)."""
+    def create(
+        cls, vm: str, *, reservation: int, limit: int, scope: str = ""
+    ) -> MemoryCgroup | None:
+        """Create (or reuse) and configure the VM's group ``memvisor/<vm>[.<scope>]``; None if
+        the host has no memory controller (the VM runs unconstrained: the probes still work).
+        ``scope`` tells apart managers with different state directories on one host."""
         found = detect()
         if found is None:
             return None
         version, root = found
-        group = cls(version, root / GROUP / vm)
+        group = cls(version, root / GROUP / (f"{vm}.{scope}" if scope else vm))
         try:
             if version == "v2":
                 _enable_memory_controller(root)
@@ -100,10 +105,21 @@ class MemoryCgroup:
         except (OSError, ValueError):
             return 0
 
-    def remove(self) -> None:
-        """Remove the group (it must be empty: QEMU has exited)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.rmdir(self.path)
+    def remove(self, timeout: float = 5.0) -> bool:
+        """Remove the group once it is empty. A QEMU that just died may still be exiting (or
+        be a zombie not yet reaped by its new parent): retry on EBUSY until ``timeout``.
+        Returns False if the group is still busy (it is then left for the next clean-up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                os.rmdir(self.path)
+                return True
+            except FileNotFoundError:
+                return True
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    return False
+                time.sleep(0.1)
 
 
 def _enable_memory_controller(root: Path) -> None:

@@ -17,9 +17,10 @@ host's own reclaim, which is what we want for guest RAM).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,8 @@ class QemuHost:
         self.clock = clock or RealClock()
         self.use_cgroups = use_cgroups
         self.preallocate = preallocate
+        # cgroup names are host-wide: tell apart managers with different state directories
+        self._scope = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
         self._records: dict[str, VMRecord] = {}
         self._running: dict[str, RunningVM] = {}
         self.events: list[str] = []  # what attach found: re-attached, crashed, cleaned
@@ -143,7 +146,9 @@ class QemuHost:
         try:
             if self.use_cgroups:
                 hard = spec.memory if spec.backing is Backing.ANON else spec.effective_limit
-                cg = MemoryCgroup.create(name, reservation=spec.reservation, limit=hard)
+                cg = MemoryCgroup.create(
+                    name, reservation=spec.reservation, limit=hard, scope=self._scope
+                )
             vdir = vmrecord.vm_dir(self.state_dir, name)
             launch = _launch_spec(spec, accel, self.preallocate)
             proc = VMProcess.start(launch, vdir, image, cgroup_procs=cg.procs if cg else None)
@@ -181,6 +186,20 @@ class QemuHost:
         record = vm.record.with_(power=PowerState.OFF, pid=None, message="powered off")
         self._save(record)
         return record
+
+    def set_reservation(self, name: str, reservation: int) -> VMRecord:
+        """Record a new reservation (admission is the caller's): swap-out respects it at once
+        and the VM's memory cgroup protects it (v2 memory.min; v1 soft limit)."""
+        vm = self.running(name)
+        if not 0 <= reservation <= vm.spec.memory:
+            raise InputError(f"{name}: reservation must be within 0..memory, got {reservation}")
+        spec = replace(vm.spec, reservation=reservation)
+        if vm.cgroup is not None:
+            hard = spec.memory if spec.backing is Backing.ANON else spec.effective_limit
+            vm.cgroup.configure(reservation=reservation, limit=hard)
+        vm.record = vm.record.with_(spec=spec)
+        self._save(vm.record)
+        return vm.record
 
     def close(self) -> None:
         """Drop QMP connections; VMs keep running (a later QemuHost re-attaches)."""
