@@ -422,7 +422,10 @@ class GuestShell:
         token = secrets.token_hex(8)
         marker = f"__MV_RC_{token}="
         self._sock.settimeout(timeout)
-        self._sock.sendall(f"{{ {command}\n}} </dev/null 2>&1; echo {marker}$?\n".encode())
+        try:
+            self._sock.sendall(f"{{ {command}\n}} </dev/null 2>&1; echo {marker}$?\n".encode())
+        except OSError as exc:
+            raise GuestError(f"guest shell: cannot send {command!r}: {exc}") from exc
         buf = b""
         pattern = re.compile(re.escape(marker).encode() + rb"(\d+)\n")
         deadline = time.monotonic() + timeout
