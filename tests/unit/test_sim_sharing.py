@@ -3,6 +3,8 @@ common content save about s(N-1)/N of their memory once the scanner has merged t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from simhelpers import host, workload
 
@@ -85,3 +87,16 @@ def test_sharing_metric_reports_counts() -> None:
     assert sample is not None and sample.present > 100
     assert sample.mean_harmonic == pytest.approx(4.0, rel=0.05)
     assert sample.expected_freed_per_page == pytest.approx(0.25, rel=0.05)
+
+
+def test_per_vm_scan_rate_caps_that_vms_scanning() -> None:
+    vms = identical_vms(4, 1.0)  # vm0 and vm3 at the host's rate find each other
+    vms[2] = replace(vms[2], scan_rate=500.0)
+    vms[1] = replace(vms[1], merge=False)
+    h = host(2048 * MiB, vms, ksm_pages_to_scan=20_000, ksm_sleep_millisecs=10)
+    for _ in range(2):
+        h.step()
+    shared = h.pt.counts[:, SHARED]
+    assert shared[0] > 20_000  # scanned at the host's rate
+    assert shared[1] == 0  # merging disabled
+    assert 0 < shared[2] <= 1000  # 500 pages/s for 2 s

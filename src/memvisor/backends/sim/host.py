@@ -119,7 +119,9 @@ class SimHost:
         self.l2g = np.full(int(self.logical_offsets[-1]), -1, dtype=np.int64)
         self.vms = [self._make_vm(i, c, universes, kernel_bases) for i, c in enumerate(vms)]
         self._by_name = {v.name: v for v in self.vms}
-        self.scanner = Scanner(self.pt, np.array([c.merge for c in vms], dtype=np.bool_))
+        self.scanner = Scanner(
+            self.pt, np.array([c.merge for c in vms], dtype=np.bool_), [c.scan_rate for c in vms]
+        )
         for vm in self.vms:
             self._boot(vm)
             self._reset_tick(vm)

@@ -1,13 +1,16 @@
 """Content-based page sharing: a KSM-like scanner over all VMs' guest RAM.
 
-Each tick it visits the next ``pages_to_scan * 1000 / sleep_millisecs * dt`` pages (round
-robin over the flat page space, like ksmd walking mergeable areas). A visited page is a merge
-candidate if it is PRIVATE, its VM allows merging, it was not written for ``stable_ticks``
-(KSM only merges pages whose checksum did not change between two visits) and its content is
-shareable (zero or common to an image; unique content can never match). A candidate merges
-with an existing shared frame of the same content (KSM's stable tree); otherwise with another
-candidate of the same content seen this tick or earlier (KSM's unstable tree, ``cand``),
-checked lazily because that page may have changed since.
+Rates: the host scans at most ``pages_to_scan * 1000 / sleep_millisecs`` pages per second
+(KSM's knobs). That budget is divided among the VMs that allow merging in proportion to their
+size, and a VM with its own ``scan_rate`` (pages per second, like a per-VM page-sharing scan
+rate) is scanned at most that fast. Each VM is walked round robin from its own cursor.
+
+A visited page is a merge candidate if it is PRIVATE, it was not written for
+``stable_ticks`` (KSM only merges pages whose checksum did not change between two visits) and
+its content is shareable (zero or common to an image; unique content can never match). A
+candidate merges with an existing shared frame of the same content (KSM's stable tree);
+otherwise with another candidate of the same content seen this tick or earlier (KSM's unstable
+tree, ``cand``), checked lazily because that page may have changed since.
 """
 
 from __future__ import annotations
@@ -21,41 +24,55 @@ IntArray = npt.NDArray[np.int64]
 
 
 class Scanner:
-    def __init__(self, pt: PageTable, mergeable_vms: npt.NDArray[np.bool_]) -> None:
+    def __init__(
+        self, pt: PageTable, mergeable: npt.NDArray[np.bool_], vm_rates: list[float | None]
+    ) -> None:
         self.pt = pt
-        self.mergeable = mergeable_vms
+        sizes = np.diff(pt.offsets).astype(np.float64)
+        self.weights = np.where(mergeable, sizes, 0.0)
+        self.caps = np.array([np.inf if r is None else r for r in vm_rates], dtype=np.float64)
         self.cand: IntArray = np.full(pt.refs.size, -1, dtype=np.int64)
-        self.cursor = 0
+        self.cursors = np.zeros(len(vm_rates), dtype=np.int64)  # per VM, within the VM
+        self.carry = np.zeros(len(vm_rates), dtype=np.float64)
+        self.scanned = 0
         self.full_scans = 0
-        self.carry = 0.0
 
-    def pages_this_tick(self, pages_to_scan: int, sleep_ms: int, dt: float) -> int:
-        wanted = pages_to_scan * 1000.0 / max(1, sleep_ms) * dt + self.carry
-        n = int(wanted)
+    def pages_this_tick(self, pages_to_scan: int, sleep_ms: int, dt: float) -> IntArray:
+        """Pages to visit per VM this tick: the host budget by size, capped per VM."""
+        budget = pages_to_scan * 1000.0 / max(1, sleep_ms) * dt
+        total = self.weights.sum()
+        share = budget * self.weights / total if total > 0 else np.zeros_like(self.weights)
+        wanted = np.minimum(share, self.caps * dt) + self.carry
+        n = np.floor(wanted)
         self.carry = wanted - n
-        return min(n, self.pt.total_pages)
+        sizes = np.diff(self.pt.offsets)
+        pages: IntArray = np.minimum(n.astype(np.int64), sizes)
+        return pages
 
-    def scan(self, n: int, tick: int, stable_ticks: int) -> int:
-        """Visit ``n`` pages; return how many were merged."""
-        total = self.pt.total_pages
-        if n <= 0 or total == 0:
+    def scan(self, per_vm: IntArray, tick: int, stable_ticks: int) -> int:
+        """Visit ``per_vm[v]`` pages of each VM; return how many pages were merged."""
+        parts = []
+        sizes = np.diff(self.pt.offsets)
+        for v in np.flatnonzero(per_vm > 0):
+            n, size = int(per_vm[v]), int(sizes[v])
+            local = (self.cursors[v] + np.arange(n, dtype=np.int64)) % size
+            self.cursors[v] = (self.cursors[v] + n) % size
+            parts.append(local + self.pt.offsets[v])
+        if not parts:
             return 0
-        end = self.cursor + n
-        idx = np.arange(self.cursor, end, dtype=np.int64)
-        if end >= total:
-            idx %= total
-            self.full_scans += end // total
-        self.cursor = end % total
+        idx = np.concatenate(parts)
+        mergeable_pages = int(sizes[self.weights > 0].sum())
+        self.scanned += idx.size
+        if mergeable_pages:
+            self.full_scans = self.scanned // mergeable_pages
         return self._merge(self._candidates(idx, tick, stable_ticks))
 
     def _candidates(self, idx: IntArray, tick: int, stable_ticks: int) -> IntArray:
         pt = self.pt
         ok = (pt.state[idx] == PRIVATE) & (pt.content[idx] >= 0)
         ok &= pt.last_write[idx] <= tick - stable_ticks
-        idx = idx[ok]
-        if not self.mergeable.all():
-            idx = idx[self.mergeable[pt.vm_of(idx)]]
-        return idx
+        found: IntArray = idx[ok]
+        return found
 
     def _merge(self, idx: IntArray) -> int:
         pt = self.pt

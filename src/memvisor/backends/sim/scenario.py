@@ -218,6 +218,7 @@ VM_KEYS = (
     "image",
     "workload",
     "merge",
+    "scan_rate",
     "guest",
 )
 TOP_KEYS = ("simulation", "host", "guest", "policy", "pools", "workloads", "vms")
@@ -387,6 +388,7 @@ def _read_vms(
             shares=vm_shares(spec_shares, memory),
             pool=r.get(t, path, "pool", text, ROOT),
             merge=r.get(t, path, "merge", boolean, True),
+            scan_rate=r.get(t, path, "scan_rate", number(0.0, 1e9), None),
             guest=vm_guest,
         )
         count = r.get(t, path, "count", integer(1, 100_000), None)
