@@ -34,6 +34,12 @@ def test_decay_is_followed_slowly() -> None:
     assert got == pytest.approx(0.1 + 0.8 * 2 ** (-0.5), rel=1e-6)
 
 
+def test_default_fast_average_reacts_within_seconds() -> None:
+    est = ActivityEstimator()
+    est.update("a", 0.0, 0.0)
+    assert est.update("a", 4.0, 1.0) >= 0.75
+
+
 def test_weights_depend_on_elapsed_time_not_call_count() -> None:
     a, b = ActivityEstimator(), ActivityEstimator()
     a.update("x", 0.0, 0.0)

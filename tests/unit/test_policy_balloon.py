@@ -44,10 +44,19 @@ def test_never_inflates_past_the_guest_free_floor() -> None:
 
 
 def test_deflates_when_guest_free_is_under_the_floor() -> None:
-    spec, obs = vm("a", balloon=300 * MiB, guest_free=20 * MiB)
+    spec, obs = vm("a", balloon=300 * MiB, guest_free=2 * MiB)
     step = BalloonController(BIG).step(obs, spec, 600 * MiB, 0.0)
     assert step.target < 300 * MiB and step.limited
-    assert 300 * MiB - step.target >= BIG.floor(spec.memory) - 20 * MiB
+    assert 300 * MiB - step.target >= BIG.floor(spec.memory) - 2 * MiB
+
+
+def test_idle_guest_memory_counts_as_headroom() -> None:
+    # 1 GiB guest, 20 MiB free, 30% active: about 700 MiB of cache and cold pages it can give
+    spec, obs = vm("a", guest_free=20 * MiB, active=0.3)
+    step = BalloonController(BIG).step(obs, spec, 600 * MiB, 0.0)
+    assert step.target == 300 * MiB and not step.limited
+    step = BalloonController(BIG).step(obs, spec, 600 * MiB, 0.0, active=0.99)
+    assert step.target < 20 * MiB and step.limited
 
 
 def test_backs_off_and_holds_when_guest_pages_out_reserved_pages() -> None:
@@ -63,9 +72,19 @@ def test_backs_off_and_holds_when_guest_pages_out_reserved_pages() -> None:
 
 
 def test_guest_paging_also_backs_off() -> None:
-    spec, obs = vm("a", balloon=400 * MiB, guest_paging=1000.0)
+    spec, obs = vm("a", balloon=400 * MiB, guest_paging=5000.0)
     step = BalloonController(BIG).step(obs, spec, 600 * MiB, 0.0)
     assert step.target < 400 * MiB and "swaps out" in step.note
+
+
+def test_guest_paging_caused_by_our_own_inflation_is_not_pressure() -> None:
+    c = BalloonController(BIG)
+    spec, obs = vm("a", guest_free=900 * MiB, active=0.1)
+    first = c.step(obs, spec, 400 * MiB, 0.0)  # asks 200 MiB: 51200 pages in 1 s
+    paging = dataclasses.replace(
+        obs, balloon_target=first.target, ballooned=first.target, guest_swapped_out_rate=40000.0
+    )
+    assert c.step(paging, spec, 400 * MiB, 1.0).target > first.target
 
 
 def test_reservation_is_never_ballooned() -> None:

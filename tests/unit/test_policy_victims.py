@@ -42,6 +42,13 @@ def test_order_highest_yield_then_lowest_ratio_then_largest_excess() -> None:
     assert [c.name for c in order(cs)] == ["poor-big", "poor", "rich", "shared"]
 
 
+def test_idle_vm_goes_before_a_busy_one_with_a_slightly_better_yield() -> None:
+    busy = Candidate("busy", 100, 0.9, "", 1.0, active=0.8)  # net 0.18
+    idle = Candidate("idle", 100, 0.7, "", 1.0, active=0.03)  # net 0.68
+    assert [c.name for c in order([busy, idle])] == ["idle", "busy"]
+    assert "net freed/page 0.68" in idle.describe() and "idle 97%" in idle.describe()
+
+
 def test_split_takes_from_the_first_victim_then_the_next() -> None:
     a = Candidate("a", 100 * MiB, 1.0, "", 1.0)
     b = Candidate("b", 500 * MiB, 0.5, "", 1.0)

@@ -19,7 +19,7 @@ from memvisor.errors import InputError
 
 @dataclass(frozen=True, slots=True)
 class ActivitySettings:
-    fast_half_life: float = 10.0  # seconds for the fast average to forget half of the past
+    fast_half_life: float = 2.0  # seconds for the fast average to forget half of the past
     slow_half_life: float = 120.0
     unknown: float = 1.0  # assumed active fraction before any sample (1: no idle tax)
 

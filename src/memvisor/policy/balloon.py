@@ -9,8 +9,12 @@ controller moves the real target there in steps, and refuses to hurt the guest:
 - Tracking: each step closes a fraction ``gain`` of the error (at least the dead band, never
   more than the error), bounded by a rate in bytes per second. An error within the dead band is
   left alone, so targets do not jitter.
-- Floor: an inflation step never takes more than the guest's free memory above the floor; if
-  free memory is already under the floor, the balloon deflates by the shortfall.
+- Floor: an inflation step never takes more than the guest can give without touching its
+  working set: its free memory above the floor plus its idle memory (what it holds beyond its
+  estimated active memory: page cache and cold pages it can drop or page out cheaply). If free
+  memory is under the floor, the balloon deflates by the shortfall. The floor sits below a
+  guest kernel's own free-memory watermark, so a guest that still has idle memory to reclaim
+  stays above it by itself.
 - Back-off: when a paging signal exceeds its limit, the balloon releases a fraction
   ``backoff`` of its size (multiplicative decrease) and does not inflate again for ``hold``
   seconds. The step is marked ``limited`` so the scheduler shifts the reclamation to other VMs
@@ -19,7 +23,8 @@ controller moves the real target there in steps, and refuses to hurt the guest:
 Stability (``docs/policy.md`` has the argument): with a constant target and a guest that can
 give the memory, the error shrinks by a factor (1 - gain) per step until it is inside the dead
 band, then nothing moves. It never overshoots the target (each step is at most the error) and
-never inflates past the floor (each step is at most the headroom above it).
+never inflates past the floor (each step is at most the headroom above it; with an idle part
+the guest refills its free memory from that idle memory).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 
 from memvisor.errors import InputError
 from memvisor.model import VMObservation, VMSpec
-from memvisor.units import MiB
+from memvisor.units import PAGE_SIZE, MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +43,12 @@ class BalloonSettings:
     max_inflate_rate: int = 128 * MiB  # bytes per second
     max_deflate_rate: int = 256 * MiB
     dead_band: int = 4 * MiB
-    guest_free_floor: float = 0.05  # of the guest's memory
-    guest_free_floor_min: int = 16 * MiB
+    guest_free_floor: float = 0.005  # of the guest's memory (below the guest's own watermark)
+    guest_free_floor_min: int = 4 * MiB
     reserved_pageout_limit: float = 32.0  # reserved pages paged out by the guest, pages/s
-    guest_paging_limit: float = 256.0  # the guest's own swap-out rate, pages/s
+    guest_paging_limit: float = 1024.0  # guest swap-out beyond what inflation explains, pages/s
     backoff: float = 0.25  # fraction of the balloon released when a limit is exceeded
-    hold: float = 30.0  # seconds without inflating after a back-off
+    hold: float = 15.0  # seconds without inflating after a back-off
     nominal_tick: float = 1.0  # seconds assumed before the second observation
 
     def __post_init__(self) -> None:
@@ -75,22 +80,36 @@ class BalloonStep:
 class _VMState:
     last_time: float
     hold_until: float = -math.inf
+    asked_rate: float = 0.0  # pages/s of inflation asked at the previous step
 
 
-def guest_squeezed(vm: VMObservation, s: BalloonSettings) -> str:
-    """Why the guest is outside its target paging conditions ('' when it is inside)."""
+def guest_squeezed(vm: VMObservation, s: BalloonSettings, caused: float = 0.0) -> str:
+    """Why the guest is outside its target paging conditions ('' when it is inside).
+
+    ``caused`` is the guest paging (pages/s) our own last inflation explains: a guest that
+    makes room for the balloon by paging out cold pages is doing what we asked; paging beyond
+    that, or paging out the reserved pages themselves, is pressure."""
     why = []
     if vm.reserved_paged_out_rate > s.reserved_pageout_limit:
         why.append(
             f"guest pages out reserved pages at {vm.reserved_paged_out_rate:.0f}/s"
             f" > {s.reserved_pageout_limit:.0f}/s"
         )
-    if vm.guest_swapped_out_rate > s.guest_paging_limit:
+    if vm.guest_swapped_out_rate - caused > s.guest_paging_limit:
         why.append(
             f"guest swaps out {vm.guest_swapped_out_rate:.0f} pages/s"
             f" > {s.guest_paging_limit:.0f}/s"
         )
     return "; ".join(why)
+
+
+def idle_memory(vm: VMObservation, spec: VMSpec, active: float) -> int:
+    """Guest memory in use beyond its active set: what the guest can give without paging out
+    its working set (0 when the guest's free memory is unknown)."""
+    if vm.guest_free is None:
+        return 0
+    in_use = spec.memory - max(vm.balloon_target, vm.ballooned) - vm.guest_free
+    return max(in_use - int(min(max(active, 0.0), 1.0) * spec.memory), 0)
 
 
 def expected_guest_free(vm: VMObservation) -> int | None:
@@ -108,8 +127,18 @@ class BalloonController:
         self.settings = settings or BalloonSettings()
         self._vm: dict[str, _VMState] = {}
 
-    def step(self, vm: VMObservation, spec: VMSpec, desired: int, now: float) -> BalloonStep:
-        """Next balloon target for ``vm`` given the size the scheduler would like."""
+    def step(
+        self,
+        vm: VMObservation,
+        spec: VMSpec,
+        desired: int,
+        now: float,
+        active: float | None = None,
+    ) -> BalloonStep:
+        """Next balloon target for ``vm`` given the size the scheduler would like.
+
+        ``active`` is the VM's smoothed active fraction (default: the observed sample; none:
+        treat all memory in use as active, so only free memory can be ballooned)."""
         s = self.settings
         st = self._vm.get(vm.name)
         dt = s.nominal_tick if st is None else max(now - st.last_time, 0.0)
@@ -120,8 +149,27 @@ class BalloonController:
         cap = max(spec.memory - spec.reservation, 0)  # the reservation is never ballooned
         desired = min(max(desired, 0), cap)
         floor = s.floor(spec.memory)
+        squeezed = guest_squeezed(vm, s, st.asked_rate)
+        step = self._decide(vm, spec, st, cur, desired, floor, squeezed, dt, now, active)
+        st.asked_rate = max(step.target - cur, 0) / PAGE_SIZE / max(dt, s.nominal_tick)
+        return step
+
+    def _decide(
+        self,
+        vm: VMObservation,
+        spec: VMSpec,
+        st: _VMState,
+        cur: int,
+        desired: int,
+        floor: int,
+        squeezed: str,
+        dt: float,
+        now: float,
+        active: float | None,
+    ) -> BalloonStep:
+        s = self.settings
         free = expected_guest_free(vm)
-        squeezed = guest_squeezed(vm, s)
+        cap = max(spec.memory - spec.reservation, 0)
         if squeezed:
             st.hold_until = now + s.hold
             return self._back_off(free, cur, floor, dt, f"{squeezed}: back off")
@@ -131,7 +179,9 @@ class BalloonController:
             )
         if cur > cap:
             return BalloonStep(cap, False, f"balloon above memory - reservation {_mib(cap)}")
-        return self._track(free, st, cur, desired, floor, dt, now)
+        act = active if active is not None else vm.active_fraction
+        idle = idle_memory(vm, spec, 1.0 if act is None else act)
+        return self._track(free, idle, st, cur, desired, floor, dt, now)
 
     def _back_off(self, free: int | None, cur: int, floor: int, dt: float, why: str) -> BalloonStep:
         s = self.settings
@@ -144,6 +194,7 @@ class BalloonController:
     def _track(
         self,
         free: int | None,
+        idle: int,
         st: _VMState,
         cur: int,
         desired: int,
@@ -162,7 +213,7 @@ class BalloonController:
             return BalloonStep(cur, True, f"holding for {st.hold_until - now:.0f} s after back-off")
         step = min(step, int(s.max_inflate_rate * dt))
         if free is not None:
-            headroom = free - floor
+            headroom = free - floor + idle
             if step > headroom:
                 room = max(headroom, 0)
                 target = cur + room if room >= s.dead_band else cur

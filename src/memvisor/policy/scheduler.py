@@ -11,11 +11,16 @@ Every call to :meth:`MemvisorScheduler.plan`:
    - HIGH: no reclamation. Free memory above the ``high`` threshold is given back: balloons
      deflate (VMs below entitlement first) and swap limits are lifted.
    - SOFT: bring free memory back to ``high`` by ballooning VMs above their entitlement, the
-     VM that frees the most host memory per reclaimed page first (C1). No swapping.
+     VM that frees the most host memory per reclaimed page first (C1), among those where a
+     reclaimed page has a net yield (sharing x idleness) of at least ``soft_min_net_yield``:
+     squeezing a busy VM's working set to keep a free-memory margin costs more than it saves.
+     No swapping: swap limits set in HARD or LOW are lifted (a kept limit would make the
+     hypervisor swap the VM's pages again each time it faults them back).
    - HARD: the same, and what the balloons cannot take (the guest is at its floor or paging,
      or the balloon's rate limit) is swapped to the VMs' own swap files, in the same order.
-   - LOW: in addition every VM above entitlement is swapped down to its entitlement at once,
-     and VMs above entitlement get nothing back, even when their guests protest.
+   - LOW: swap harder: what the balloons do not free this tick is swapped from the victims in
+     order at four times the HARD rate, and VMs above entitlement are given nothing back except
+     what their own guest's protection (balloon back-off) releases.
 
 A VM's reservation is never reclaimed: balloons stay at or below memory - reservation, swap
 limits at or above the reservation (and in SOFT/HARD above the entitlement). Decisions are made
@@ -38,7 +43,7 @@ from memvisor.model import (
     VMSpec,
 )
 from memvisor.policy.activity import ActivityEstimator, ActivitySettings
-from memvisor.policy.balloon import BalloonController, BalloonSettings
+from memvisor.policy.balloon import BalloonController, BalloonSettings, BalloonStep
 from memvisor.policy.base import PoolInfo, build_tree, mib, running
 from memvisor.policy.entitlement import (
     DEFAULT_TAX,
@@ -64,6 +69,9 @@ class SchedulerSettings:
     demand_headroom: float = 0.05  # of memory, added to what a VM holds to get its demand
     swap_rate: int = 128 * MiB  # bytes per second per VM in HARD
     dead_band: int = 4 * MiB
+    soft_min_net_yield: float = 0.25  # SOFT balloons and HARD swaps only above this net yield
+    low_min_net_yield: float = 0.05  # LOW swaps only above this net yield
+    growth_guard: int = 4 * MiB  # bytes/s of host memory growth that exempts a VM this tick
 
     def __post_init__(self) -> None:
         idle_cost_factor(self.tax)  # validates the tax
@@ -80,6 +88,7 @@ class _Tick:
     where: str  # e.g. "SOFT (free 3.1% < 4%)"
     alloc: Allocation
     dt: float
+    growth: dict[str, float]  # bytes/s each VM's host memory grew since the last plan
     decisions: list[Decision] = field(default_factory=list)
 
 
@@ -95,6 +104,7 @@ class MemvisorScheduler:
         self.balloon = BalloonController(s.balloon)
         self.swap_limit: dict[str, int] = {}  # resident limits we asked for
         self._last_time: float | None = None
+        self._consumed: dict[str, tuple[int, int]] = {}  # consumed, swapped
         self.last_allocation: Allocation | None = None
 
     # --- the plan ----------------------------------------------------------------------------
@@ -110,12 +120,26 @@ class MemvisorScheduler:
             self.activity.update(obs.name, now, obs.active_fraction)
         alloc = self.entitlements(snapshot, vms)
         self.last_allocation = alloc
-        tick = _Tick(snapshot, state, self.states.describe(host.free, host.total), alloc, dt)
+        growth = self._growth(vms, dt)
+        where = self.states.describe(host.free, host.total)
+        tick = _Tick(snapshot, state, where, alloc, dt, growth)
         if state is HostState.HIGH:
             self._give_back(tick, vms)
         else:
             self._reclaim(tick, vms)
         return tick.decisions
+
+    def _growth(self, vms: Sequence[VM], dt: float) -> dict[str, float]:
+        """Bytes/s each VM's host memory grew, or its swapped memory shrank (it faults its
+        pages back: a working set coming back, throttled by swap-in latency)."""
+        growth = {}
+        for _spec, obs in vms:
+            before = self._consumed.get(obs.name)
+            if before is not None and dt > 0:
+                grew = max(obs.consumed - before[0], before[1] - obs.swapped)
+                growth[obs.name] = grew / dt
+            self._consumed[obs.name] = (obs.consumed, obs.swapped)
+        return growth
 
     def entitlements(self, snapshot: Snapshot, vms: Sequence[VM]) -> Allocation:
         capacity = int(snapshot.host.total * (1.0 - self.settings.thresholds.high))
@@ -134,6 +158,9 @@ class MemvisorScheduler:
             demand=min(demand, spec.memory),
         )
 
+    def _step(self, obs: VMObservation, spec: VMSpec, desired: int, now: float) -> BalloonStep:
+        return self.balloon.step(obs, spec, desired, now, self.activity.estimate(spec.name))
+
     # --- HIGH: give memory back --------------------------------------------------------------
 
     def _give_back(self, t: _Tick, vms: Sequence[VM]) -> None:
@@ -148,7 +175,7 @@ class MemvisorScheduler:
         for spec, obs in ranked:
             cur = obs.balloon_target
             give = min(cur, max(surplus, 0))
-            step = self.balloon.step(obs, spec, cur - give, host.time)
+            step = self._step(obs, spec, cur - give, host.time)
             surplus -= max(cur - step.target, 0)
             self._emit_balloon(t, spec, obs, step.target, step.note, "free memory above target")
             self._lift_swap(t, spec, spec.memory, "host has free memory")
@@ -165,6 +192,8 @@ class MemvisorScheduler:
         )
         need = int(self.settings.thresholds.high * host.total) - host.free - in_flight
         victims = order(self._candidates(t, vms))
+        if t.state is HostState.SOFT:  # not an emergency: only where reclaiming pays
+            victims = [c for c in victims if c.net_yield >= self.settings.soft_min_net_yield]
         by_name = {s.name: (s, o) for s, o in vms}
         left, short = self._balloon_victims(t, victims, by_name, need)
         chosen = {c.name for c in victims}
@@ -173,17 +202,24 @@ class MemvisorScheduler:
                 self._hold_or_release(t, spec, obs)
         if t.state in (HostState.HARD, HostState.LOW):
             self._swap_victims(t, victims, by_name, left, short)
-        if t.state is HostState.SOFT:
+        if t.state is HostState.SOFT:  # swap is for HARD and LOW; in SOFT balloons do it all
             for spec, _obs in vms:
-                self._lift_swap(t, spec, t.alloc.of(spec.name), "back to its entitlement")
+                self._lift_swap(t, spec, spec.memory, "SOFT state reclaims by balloon only")
 
     def _candidates(self, t: _Tick, vms: Sequence[VM]) -> list[Candidate]:
+        """VMs above entitlement that can give now. A VM whose host memory grows fast is
+        building its working set (its sampled activity lags behind): squeezing it would make
+        its guest page out what it is faulting in, so it is left alone this tick."""
         out = []
         for spec, obs in vms:
             excess = obs.consumed - max(t.alloc.of(spec.name), spec.reservation)
-            if excess > self.settings.dead_band:
+            if excess > self.settings.dead_band and t.growth.get(spec.name, 0.0) < (
+                self.settings.growth_guard
+            ):
                 y, stat = expected_yield(obs)
-                out.append(Candidate(spec.name, excess, y, stat, t.alloc.ratio[spec.name]))
+                ratio = t.alloc.ratio[spec.name]
+                active = self.activity.estimate(spec.name)
+                out.append(Candidate(spec.name, excess, y, stat, ratio, active))
         return out
 
     def _balloon_victims(
@@ -196,13 +232,13 @@ class MemvisorScheduler:
             spec, obs = by_name[c.name]
             cur = obs.balloon_target
             ask = min(c.excess, int(max(left, 0) / max(c.freed_per_page, 0.01)))
-            step = self.balloon.step(obs, spec, cur + ask, t.snap.host.time)
+            step = self._step(obs, spec, cur + ask, t.snap.host.time)
             target = step.target
-            if target < cur and t.state is HostState.LOW:
-                target = cur  # LOW: nothing goes back to a VM above its entitlement
             # only what the guest refuses moves on to the next victim; what the gain and the
             # rate limit defer is still this VM's to give on the next ticks
-            got = max(target - cur, 0) if step.limited else ask
+            # (in LOW only what is really asked counts: swap covers the rest at once)
+            deferred_ok = not step.limited and t.state is not HostState.LOW
+            got = ask if deferred_ok else max(target - cur, 0)
             if step.limited:
                 short.add(c.name)
             left -= int(got * c.freed_per_page)
@@ -211,13 +247,12 @@ class MemvisorScheduler:
         return left, short
 
     def _hold_or_release(self, t: _Tick, spec: VMSpec, obs: VMObservation) -> None:
-        """A VM that is not asked to give: its balloon stays, unless its guest needs memory back
-        or it sits below its entitlement with a balloon (then deflate toward the entitlement)."""
+        """A VM that is not asked to give keeps its balloon while the host is short of memory,
+        unless its guest needs memory back (the controller's floor and back-off). Giving back
+        what it does not ask for would only be reclaimed again from someone else."""
         cur = obs.balloon_target
-        room = t.alloc.of(spec.name) - obs.consumed
-        desired = cur - max(min(room, cur), 0) if room > self.settings.dead_band else cur
-        step = self.balloon.step(obs, spec, desired, t.snap.host.time)
-        self._emit_balloon(t, spec, obs, step.target, step.note, "below entitlement")
+        step = self._step(obs, spec, cur, t.snap.host.time)
+        self._emit_balloon(t, spec, obs, step.target, step.note, "its guest needs memory")
 
     def _swap_victims(
         self,
@@ -227,23 +262,34 @@ class MemvisorScheduler:
         left: int,
         short: set[str],
     ) -> None:
-        """HARD: swap what the balloons could not take because the guest stopped them; LOW: swap
-        every victim down to its entitlement. Never below the reservation or the entitlement."""
+        """Swap to the VMs' own files what the balloons do not cover. HARD: only from VMs whose
+        guests stopped their balloon; LOW: from every victim in order, four times faster.
+        Never below the reservation or the entitlement."""
+        low = t.state is HostState.LOW
+        rate = self.settings.swap_rate * (4 if low else 1)
+        gate = self.settings.soft_min_net_yield
         for c in victims:
+            if left <= 0:
+                break
+            if not low and c.name not in short:
+                continue
+            # hypervisor swap picks pages blind: a fraction f of them is working set
+            if c.net_yield < (self.settings.low_min_net_yield if low else gate):
+                continue
             spec, obs = by_name[c.name]
             bottom = max(spec.reservation, t.alloc.of(spec.name))
-            if t.state is HostState.LOW:
-                limit, note = bottom, "LOW: swapped down to its entitlement"
-            elif left > 0 and c.name in short:
-                y = max(c.freed_per_page, 0.01)
-                take = min(c.excess, int(self.settings.swap_rate * t.dt), int(left / y) + 1)
-                limit = max(bottom, obs.consumed - take)
-                left -= int((obs.consumed - limit) * y)
-                note = "its guest stopped the balloon, the rest goes to swap"
-            else:
+            y = max(c.freed_per_page, 0.01)
+            take = min(c.excess, int(rate * t.dt), int(left / y) + 1)
+            limit = max(bottom, obs.consumed - take)
+            if limit >= obs.consumed:
                 continue
-            why = self._victim_reason(t, c, note)
-            self._emit_swap(t, spec, limit, why)
+            left -= int((obs.consumed - limit) * y)
+            note = (
+                "LOW: the balloon is not fast enough, swap the rest"
+                if low and c.name not in short
+                else "its guest stopped the balloon, the rest goes to swap"
+            )
+            self._emit_swap(t, spec, limit, self._victim_reason(t, c, note))
 
     # --- decisions ---------------------------------------------------------------------------
 

@@ -3,10 +3,16 @@
 Only VMs above their entitlement give. Among them, the VM where reclaiming frees the most host
 memory per reclaimed page goes first: reclaiming a page whose host frame is shared c ways frees
 1/c of a frame, so a VM's expected yield per page is the mean of 1/c over its sampled pages
-(``SharingSample.expected_freed_per_page``, i.e. 1 / harmonic mean of the counts). Ties go to
-the VM with the lowest shares-per-page ratio (the idle memory tax's order), then to the larger
-excess. Without a sample, the yield is estimated from the VM's shared bytes, assuming a shared
-frame is shared two ways, and the decision says so.
+(``SharingSample.expected_freed_per_page``, i.e. 1 / harmonic mean of the counts).
+
+What stays freed is less: a reclaimed page that belongs to the VM's working set (probability
+f, its active fraction) is faulted back at once and frees nothing for long. So victims are
+ordered by the net yield y (1 - f): the expected host memory that stays freed per reclaimed
+page. For VMs equally idle this is the sharing order; between a busy and an idle VM it prefers
+the idle one, which is what the idle memory tax also says. Ties go to the VM with the lowest
+shares-per-page ratio, then to the larger excess. Without a sample, the yield is estimated
+from the VM's shared bytes, assuming a shared frame is shared two ways, and the decision says
+so.
 """
 
 from __future__ import annotations
@@ -27,9 +33,18 @@ class Candidate:
     freed_per_page: float  # expected host frames freed per reclaimed page, 0..1
     statistic: str  # how freed_per_page was obtained, for reasons
     ratio: float  # shares per MiB of taxed memory at the entitlement
+    active: float = 0.0  # estimated active fraction, 0..1
+
+    @property
+    def net_yield(self) -> float:
+        """Expected host memory that stays freed per reclaimed page: y (1 - f)."""
+        return self.freed_per_page * (1.0 - min(max(self.active, 0.0), 1.0))
 
     def describe(self) -> str:
-        return f"expected freed/page {self.freed_per_page:.2f} ({self.statistic})"
+        return (
+            f"net freed/page {self.net_yield:.2f} = expected freed/page "
+            f"{self.freed_per_page:.2f} ({self.statistic}) x idle {1 - self.active:.0%}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +69,8 @@ def expected_yield(vm: VMObservation) -> tuple[float, str]:
 
 
 def order(candidates: Iterable[Candidate]) -> list[Candidate]:
-    """Highest yield first; then lowest ratio; then largest excess; then name (deterministic)."""
-    return sorted(candidates, key=lambda c: (-c.freed_per_page, c.ratio, -c.excess, c.name))
+    """Highest net yield first; then lowest ratio; then largest excess; then name."""
+    return sorted(candidates, key=lambda c: (-c.net_yield, c.ratio, -c.excess, c.name))
 
 
 def split(ordered: Iterable[Candidate], need: int) -> list[Share]:
