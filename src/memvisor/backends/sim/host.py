@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from memvisor.backends.base import ManualClock
-from memvisor.backends.sim import guest, observe
+from memvisor.backends.sim import actions, guest, observe
 from memvisor.backends.sim.config import (
     GuestConfig,
     SimHostConfig,
@@ -58,7 +58,7 @@ from memvisor.model import (
     VMObservation,
     VMSpec,
 )
-from memvisor.units import PAGE_SIZE, format_size
+from memvisor.units import PAGE_SIZE
 
 IntArray = observe.IntArray
 
@@ -309,7 +309,7 @@ class SimHost:
             return guest.oldest(pt.last_access, cand, k)
         return np.sort(vm.rng.choice(cand, size=k, replace=False))
 
-    def _swap_step(self, vm: VMRun) -> None:
+    def swap_step(self, vm: VMRun) -> None:
         """Hypervisor swapping toward the VM's resident limit (never below its reservation)."""
         if vm.resident_limit is None:
             return
@@ -334,7 +334,7 @@ class SimHost:
         t = self.clock.now() - self.start_time
         for vm in self.vms:
             guest.balloon_step(self, vm)
-            self._swap_step(vm)
+            self.swap_step(vm)
         draws = [draw(vm, t, dt, self.cfg.max_accesses_per_tick) for vm in self.vms]
         self._access_all(draws)
         for vm in self.vms:
@@ -439,62 +439,17 @@ class SimHost:
     def apply(self, action: Action) -> ActionResult:
         before = self.pt.frames_used()
         if isinstance(action, SetBalloon):
-            message = self._set_balloon(action)
+            ok, message = actions.set_balloon(self, action)
         elif isinstance(action, SetSwapTarget):
-            message = self._set_swap_target(action)
+            ok, message = actions.set_swap_target(self, action)
         elif isinstance(action, SetKsm):
-            message = self._set_ksm(action)
+            ok, message = actions.set_ksm(self, action)
         else:
             raise InputError(f"the simulator cannot apply {action!r}")
-        if message.startswith("refused"):
+        if not ok:
             return ActionResult(action=action, ok=False, message=message)
         freed = max(0, before - self.pt.frames_used()) * PAGE_SIZE
         return ActionResult(action=action, ok=True, achieved=freed, message=message)
-
-    def _set_balloon(self, a: SetBalloon) -> str:
-        vm = self.vm(a.vm)
-        if a.target < 0:
-            raise InputError(f"{a.vm}: balloon target must not be negative, got {a.target}")
-        most = vm.cfg.memory - vm.cfg.reservation
-        if a.target > most:
-            return (
-                f"refused: {a.vm}: balloon target {format_size(a.target)} exceeds memory "
-                f"minus reservation ({format_size(most)}); nothing changed"
-            )
-        vm.balloon_target = a.target // PAGE_SIZE
-        guest.balloon_step(self, vm)
-        return f"{a.vm}: balloon target {format_size(a.target)}"
-
-    def _set_swap_target(self, a: SetSwapTarget) -> str:
-        vm = self.vm(a.vm)
-        if a.resident_limit < 0:
-            raise InputError(f"{a.vm}: resident limit must not be negative, got {a.resident_limit}")
-        limit = max(a.resident_limit, vm.cfg.reservation)
-        vm.resident_limit = None if limit >= vm.cfg.memory else limit // PAGE_SIZE
-        self._swap_step(vm)
-        note = " (raised to the reservation)" if limit > a.resident_limit else ""
-        return f"{a.vm}: resident limit {format_size(limit)}{note}"
-
-    def _set_ksm(self, a: SetKsm) -> str:
-        if a.run not in (0, 1, 2):
-            raise InputError(f"ksm run must be 0, 1 or 2, got {a.run}")
-        if a.pages_to_scan is not None and a.pages_to_scan < 0:
-            raise InputError(f"ksm pages_to_scan must not be negative, got {a.pages_to_scan}")
-        if a.sleep_millisecs is not None and a.sleep_millisecs < 1:
-            raise InputError(f"ksm sleep_millisecs must be >= 1, got {a.sleep_millisecs}")
-        self.ksm_run = a.run
-        if a.pages_to_scan is not None:
-            self.ksm_pages_to_scan = a.pages_to_scan
-        if a.sleep_millisecs is not None:
-            self.ksm_sleep = a.sleep_millisecs
-        if a.run == 2:
-            self._unmerge_all()
-        return f"ksm run={self.ksm_run} pages_to_scan={self.ksm_pages_to_scan}"
-
-    def _unmerge_all(self) -> None:
-        for vm in self.vms:
-            shared = np.flatnonzero(self.pt.state[vm.sl] == SHARED) + vm.offset
-            self.fault_in(vm, shared)
 
     # --- checks ---------------------------------------------------------------------------------
 
