@@ -385,3 +385,33 @@ def test_json_lines_from_the_session_are_valid_protocol() -> None:
     s.set_target(2 * MiB)
     raw = s.outgoing()
     assert json.loads(raw.decode())["type"] == "reserve"
+
+
+def test_anon_backing_measures_own_pages_and_not_the_zero_page() -> None:
+    """AnonKsmBacking on this very process: written pages cost memory, pages only read map
+    the shared zero page and cost nothing (what KSM's zero-page merging leaves behind)."""
+    import ctypes
+    import mmap
+
+    from memvisor.agent.backing import AnonKsmBacking, RamRegion
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: /proc/kpageflags")
+    mem = mmap.mmap(-1, 4 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mem.madvise(mmap.MADV_NOHUGEPAGE)
+    anchor = ctypes.c_char.from_buffer(mem)
+    base = ctypes.addressof(anchor)
+    del anchor
+    for off in range(0, 2 * MiB, 4096):
+        mem[off] = 1  # first half written: own pages
+    for off in range(2 * MiB, 4 * MiB, 4096):
+        assert mem[off] == 0  # second half only read: the zero page
+    backing = AnonKsmBacking(os.getpid(), base, RamLayout((RamRegion(0, 1024, 0),)))
+    try:
+        assert backing.resident_pages([(0, 512)]) == 512
+        assert backing.resident_pages([(512, 512)]) == 0
+        backing.free([(0, 512)])  # nothing to do for anonymous memory: KSM reclaims
+        assert backing.resident_pages([(0, 1024)]) == 512
+    finally:
+        backing.close()
+        mem.close()
