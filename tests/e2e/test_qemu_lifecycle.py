@@ -3,6 +3,7 @@ manager and re-attach, a QEMU crash is noticed and cleaned up, orphans are repor
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -100,3 +101,32 @@ def test_kill9_of_the_manager_then_reattach_and_crash_cleanup(
             mgr.kill()
         if qemu_pid is not None and pid_alive(qemu_pid):
             os.kill(qemu_pid, signal.SIGKILL)
+
+
+def memvisor(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "memvisor", "--state", str(state), *args],
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+
+
+def test_cli_power_on_goes_through_admission(tmp_path: Path, qemu_as_root: None) -> None:
+    state = tmp_path / "state"
+    build_image()
+    assert memvisor(state, "host", "init", "--capacity", "512MiB").returncode == 0
+    assert memvisor(state, "vm", "add", "web", "--memory", "448MiB",
+                    "--reservation", "400MiB").returncode == 0  # fmt: skip
+    assert memvisor(state, "vm", "add", "db", "--memory", "192MiB",
+                    "--reservation", "160MiB").returncode == 0  # fmt: skip
+    started = memvisor(state, "qemu", "start", "db", "--backing", "anon", "--accel", "tcg")
+    assert started.returncode == 0, started.stderr  # 160 MiB of 512 MiB: admitted
+    try:
+        over = memvisor(state, "qemu", "start", "web", "--accel", "tcg")
+        assert over.returncode == 3, over.stderr  # 400 + 160 > 512: refused by admission
+        assert not (state / "vms" / "web" / "memory.img").exists()
+        listing = json.loads(memvisor(state, "qemu", "list", "--json").stdout)
+        (db,) = [v for v in listing["vms"] if v["record"]["spec"]["name"] == "db"]
+        assert db["record"]["power"] == "on" and db["observation"]["consumed"] > 0
+    finally:
+        stop = memvisor(state, "qemu", "stop", "db")
+    assert stop.returncode == 0, stop.stderr
+    shown = json.loads(memvisor(state, "vm", "show", "db", "--json").stdout)
+    assert shown["powered_on"] is False

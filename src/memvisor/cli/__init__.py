@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "memvisor.cli.sharing",
     # "memvisor.cli.pools",
     "memvisor.cli.image",
+    "memvisor.cli.qemu",
     "memvisor.cli.introspect",
     "memvisor.cli.sim",
 )
