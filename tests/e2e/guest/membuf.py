@@ -3,7 +3,9 @@
 Usage: python3 -S membuf.py MiB SEED OUTDIR. Fills MiB MiB of anonymous memory with bytes from
 random.Random(SEED) (the same SEED gives the same pages in every guest, for KSM), writes
 OUTDIR/ranges (JSON [[gpa, length], ...] from /proc/self/pagemap), OUTDIR/sum, then checksums
-the buffer again each time OUTDIR/check appears (into OUTDIR/sum2).
+the buffer again each time OUTDIR/check appears (OUTDIR/sum2: "CRC SECONDS", the time the
+pass over the buffer took); OUTDIR/rewrite makes it refill the buffer with new bytes (every
+page dirty again) and write the new checksum to OUTDIR/rewritten.
 """
 
 import ctypes
@@ -47,10 +49,18 @@ def main() -> None:
         f.write(str(zlib.crc32(buf)))
     os.rename(out + "/ranges.tmp", out + "/ranges")
     while True:
+        if os.path.exists(out + "/rewrite"):  # new contents: every page dirty again
+            os.unlink(out + "/rewrite")
+            for i in range(size_mib):
+                buf[i * MIB : (i + 1) * MIB] = rng.randbytes(MIB)
+            with open(out + "/rewritten", "w") as f:
+                f.write(str(zlib.crc32(buf)))
         if os.path.exists(out + "/check"):
             os.unlink(out + "/check")
+            start = time.monotonic()
+            crc = zlib.crc32(buf)
             with open(out + "/sum2.tmp", "w") as f:
-                f.write(str(zlib.crc32(buf)))
+                f.write(f"{crc} {time.monotonic() - start:.6f}")
             os.rename(out + "/sum2.tmp", out + "/sum2")
         time.sleep(0.2)
 
