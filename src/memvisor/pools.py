@@ -21,11 +21,12 @@ Read-only view for other components (the scheduler, the API)::
 
     for p in tree.pools():   # PoolView, parents before children
         p.name, p.parent, p.reservation, p.limit, p.shares, p.expandable,
-        p.reserved, p.held, p.unreserved, p.borrowed
+        p.reserved, p.held, p.unreserved, p.borrowed, p.headroom
     for v in tree.vms():     # VMView, by name
         v.name, v.pool (== v.parent), v.memory, v.reservation, v.limit, v.shares,
         v.powered_on, v.held
     tree.pool("prod"), tree.vm("web1"), tree.children("prod"), tree.capacity
+    tree.headroom("prod")    # the largest reservation a power-on in prod could get now
 
 ``shares`` in the views are resolved integers (pools: low/normal/high = 163840/327680/655360;
 VMs: 5/10/20 x configured MiB); ``shares_spec`` keeps what was configured. Views are frozen
@@ -139,6 +140,7 @@ class PoolView:
     held: int
     unreserved: int
     borrowed: int
+    headroom: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +330,18 @@ class PoolTree:
         p = self._pool(pool)
         return max(0, p.children_hold - p.reservation) if p.parent is not None else 0
 
+    def headroom(self, pool: str) -> int:
+        """The largest new reservation the pool could admit now (a VM's power-on, a child's
+        reservation): its unreserved bytes, plus, if expandable, what its parent could give,
+        capped by its limit. O(depth)."""
+        p = self._pool(pool)
+        room = max(0, p.reservation - p.children_hold)
+        if p.parent is not None and p.expandable:
+            room += self.headroom(p.parent)
+        if p.limit is not None:
+            room = min(room, p.limit - p.children_hold)
+        return room
+
     def held(self, name: str) -> int:
         """Bytes a pool or VM holds in its parent."""
         if name in self._vms:
@@ -349,6 +363,7 @@ class PoolTree:
             held=p.held,
             unreserved=max(0, p.reservation - p.children_hold),
             borrowed=self.borrowed(name),
+            headroom=self.headroom(name),
         )
 
     def vm(self, name: str) -> VMView:

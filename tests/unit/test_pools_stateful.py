@@ -45,17 +45,33 @@ class Model:
     vms: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def children_hold(self, pool: str) -> int:
-        total = sum(self.held(p) for p, r in self.pools.items() if r["parent"] == pool)
-        return total + sum(v["res"] for v in self.vms.values() if v["pool"] == pool and v["on"])
+        return self.all_children_holds()[pool]
 
     def held(self, pool: str) -> int:
         return max(self.pools[pool]["res"], self.children_hold(pool))
 
+    def all_children_holds(self) -> dict[str, int]:
+        """What each pool's children hold, recomputed from scratch (children first)."""
+        holds: dict[str, int] = {}
+
+        def compute(pool: str) -> int:
+            if pool not in holds:
+                kids = [p for p, r in self.pools.items() if r["parent"] == pool]
+                total = sum(max(self.pools[k]["res"], compute(k)) for k in kids)
+                on = [v["res"] for v in self.vms.values() if v["pool"] == pool and v["on"]]
+                holds[pool] = total + sum(on)
+            return holds[pool]
+
+        for pool in ["root", *self.pools]:
+            compute(pool)
+        return holds
+
     def admissible(self) -> bool:
-        if self.children_hold("root") > self.capacity:
+        holds = self.all_children_holds()
+        if holds["root"] > self.capacity:
             return False
         for name, p in self.pools.items():
-            ch = self.children_hold(name)
+            ch = holds[name]
             if not p["exp"] and ch > p["res"]:
                 return False
             if p["limit"] is not None and max(ch, p["res"]) > p["limit"]:
@@ -249,9 +265,22 @@ class PoolMachine(RuleBasedStateMachine):
         }
         assert sorted(p.name for p in self.tree.pools()) == sorted([*m.pools, "root"])
 
+    @invariant()
+    def headroom_is_exact(self) -> None:
+        """A power-on of exactly headroom(p) would be admitted, one byte more would not."""
+        for pool in ["root", *self.model.pools]:
+            room = self.tree.headroom(pool)
+            for extra, admitted in ((room, True), (room + 1, False)):
+                probe = {"pool": pool, "memory": extra, "res": extra, "limit": None, "on": True}
+                self.model.vms["probe"] = probe
+                try:
+                    assert self.model.admissible() == admitted, (pool, extra)
+                finally:
+                    del self.model.vms["probe"]
+
 
 PoolMachine.TestCase.settings = settings(
-    max_examples=300,
+    max_examples=200,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

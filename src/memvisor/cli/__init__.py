@@ -23,7 +23,7 @@ from memvisor.statedir import default_state_dir
 # Modules that contribute commands, in help order. Each defines register(subparsers).
 COMMAND_MODULES: tuple[str, ...] = (
     "memvisor.cli.sharing",
-    # "memvisor.cli.pools",
+    "memvisor.cli.pools",
     "memvisor.cli.image",
     "memvisor.cli.qemu",
     "memvisor.cli.introspect",
