@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,9 @@ class QemuHost:
         self._records: dict[str, VMRecord] = {}
         self._running: dict[str, RunningVM] = {}
         self.events: list[str] = []  # what attach found: re-attached, crashed, cleaned
+        # Functions that refine each VM's observation, e.g. with the guest agent's report:
+        # ``host.observers.append(lambda o: replace(o, **observation_fields(report_of(o.name))))``
+        self.observers: list[Callable[[VMObservation], VMObservation]] = []
         self._attach()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -295,7 +299,10 @@ class QemuHost:
     def observe_vm(self, name: str, *, sharing: bool = True) -> VMObservation:
         from memvisor.backends.qemu import probes
 
-        return probes.observe(self, self.running(name), sharing=sharing)
+        obs = probes.observe(self, self.running(name), sharing=sharing)
+        for refine in self.observers:
+            obs = refine(obs)
+        return obs
 
     def ram_hva(self, vm: RunningVM) -> int:
         """Host-virtual address of guest RAM in QEMU (``gpa2hva 0``), checked against maps."""
