@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from memvisor.backends.qemu.launcher import GuestShell, VMProcess
+from memvisor.backends.qemu.launcher import QMP, GuestShell, VMProcess
+from memvisor.errors import BackendError
 from memvisor.guestimage import GuestImage
 from memvisor.units import MiB
 
@@ -55,3 +56,15 @@ def test_sockets_are_private(vm: VMProcess) -> None:
     for path in (vm.paths.gdb, vm.paths.qmp, vm.paths.agent, vm.paths.shell):
         mode = Path(path).stat().st_mode
         assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600, path
+
+
+def test_a_second_qmp_client_times_out_and_the_aux_socket_works(vm: VMProcess) -> None:
+    vm.qmp().cmd("query-status")  # the manager's connection is held
+    with pytest.raises(BackendError, match="no greeting"):
+        QMP(vm.paths.qmp, timeout=2)
+    aux = QMP(vm.paths.qmp_aux)
+    try:
+        assert aux.cmd("query-status")["status"] == "running"
+        assert "Host virtual address" in aux.hmp("gpa2hva 0")
+    finally:
+        aux.close()

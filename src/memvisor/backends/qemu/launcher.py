@@ -20,6 +20,7 @@ memory file are mode 0600. QEMU is QMP's server: one client per socket at a time
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -183,22 +184,37 @@ def pid_runs_vm(pid: int, paths: VMPaths) -> bool:
 
 
 class QMP:
-    """A synchronous QMP connection (``qemu.qmp``'s legacy client) with memvisor errors."""
+    """A synchronous QMP connection over ``qemu.qmp``'s QMPClient, with timeouts.
+
+    QEMU serves one client per QMP socket: while another process holds it, connecting waits for
+    a greeting that never comes, so the connection times out with a clear error instead.
+    """
 
     def __init__(self, path: Path, *, timeout: float = 10.0) -> None:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
+        from qemu.qmp import QMPClient
 
         self.path = path
-        self._client = QEMUMonitorProtocol(str(path))
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient(f"memvisor:{path.parent.name}")
         try:
-            self._client.connect(negotiate=True)
+            self._run(self._client.connect(str(path)))
+        except TimeoutError as exc:
+            self.close()
+            raise BackendError(
+                f"QMP {path}: no greeting within {timeout:.0f} s (another client, e.g. the "
+                "daemon, holds this socket; tools can use qmp-aux.sock)"
+            ) from exc
         except Exception as exc:  # qemu.qmp raises several unrelated types
+            self.close()
             raise BackendError(f"QMP {path}: cannot connect: {exc}") from exc
-        self._client.settimeout(timeout)
+
+    def _run(self, coro: Any) -> Any:
+        return self._loop.run_until_complete(asyncio.wait_for(coro, self.timeout))
 
     def cmd(self, name: str, **args: Any) -> Any:
         try:
-            return self._client.cmd(name, **args)
+            return self._run(self._client.execute(name, args or None))
         except Exception as exc:
             raise BackendError(f"QMP {self.path}: {name} failed: {exc}") from exc
 
@@ -208,7 +224,9 @@ class QMP:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._client.close()
+            self._run(self._client.disconnect())
+        with contextlib.suppress(Exception):
+            self._loop.close()
 
 
 class VMProcess:
