@@ -102,7 +102,7 @@ def agent_vm(vm_factory: Callable[..., VMProcess]) -> Iterator[AgentVM]:
         avm.wait(lambda: session.state is AgentState.READY and session._synced, 120, "hello")
         yield avm
     finally:
-        link.stop()
+        avm.link.stop()
         backing.close()
 
 
@@ -130,12 +130,31 @@ def test_inflate_frees_host_memory_and_deflate_gives_it_back(agent_vm: AgentVM) 
         assert host0 - host1 >= 0.85 * RESERVE
         assert report.freed >= 0.95 * RESERVE and report.held_present == RESERVE
         assert avail0 - avail1 >= 0.8 * RESERVE
+        held = a.session.held_ranges()
+        restart_manager(a, RESERVE)
+        took = a.wait(
+            lambda: a.session._synced and a.session.agent_held == RESERVE // PAGE,
+            60,
+            "the agent re-reports to a restarted manager",
+        )
+        print(f"manager restarted: the agent re-reported its {RESERVE // MiB} MiB in {took:.2f} s")
+        assert a.session.held_ranges() == held and a.session.violations == 0
         a.set_target(0)
         took = a.wait(a.settled(0), 120, "deflate")
         avail2 = a.meminfo(sh, "MemAvailable")
         print(f"deflate in {took:.2f} s; guest MemAvailable back to {avail2 / MiB:.0f} MiB")
         assert avail2 >= avail0 - 16 * MiB
         assert a.session.held_ranges() == [] and a.session.violations == 0
+
+
+def restart_manager(a: AgentVM, target: int) -> None:
+    """Drop the host side and start a fresh session and link, as a restarted manager does."""
+    a.link.stop()
+    a.session = AgentSession("agent0", RamLayout.pc(MEMORY), a.backing, RealClock())
+    a.driver = ReservationDriver(a.session, QmpBalloon(a.vm))
+    a.driver.set_target(target)  # what the manager's state says the agent should hold
+    a.link = AgentLink(a.session, str(a.vm.paths.agent), lost_retry_s=600.0)
+    a.link.start()
 
 
 def _observation(a: AgentVM) -> VMObservation:

@@ -395,10 +395,13 @@ class AgentSession:
         for start, count in msg.remove:
             if held.find(0, start, start + count) >= 0:
                 raise _Violation("range", f"remove {start}+{count}: pages not held")
-        freed = {pg for start, count in msg.remove for pg in range(start, start + count)}
+        if msg.remove and any(held.find(1, s, s + c) >= 0 for s, c in msg.add):
+            held = bytearray(held)  # a move may re-add frames it removes: check after removal
+            for start, count in msg.remove:
+                held[start : start + count] = bytes(count)
         for start, count in msg.add:
             hit = held.find(1, start, start + count)
-            if hit >= 0 and not all(pg in freed for pg in range(start, start + count) if held[pg]):
+            if hit >= 0:
                 raise _Violation("duplicate", f"add {start}+{count}: page {hit} already held")
 
     def _apply(self, msg: p.Pages, held: bytearray, new_count: int) -> None:
@@ -409,8 +412,8 @@ class AgentSession:
                 self._freed_blocks.discard(b)
         for start, count in msg.add:
             held[start : start + count] = b"\x01" * count
-        if msg.reset:
-            self._removed_since_pageout += self._held_count
+        if msg.reset:  # what the resync no longer holds may have been paged out meanwhile
+            self._removed_since_pageout += max(0, self._held_count - new_count)
             self._held, self._freed_blocks, self._synced = held, set(), True
         else:
             self._removed_since_pageout += p.range_pages(msg.remove)
