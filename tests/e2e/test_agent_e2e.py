@@ -77,7 +77,7 @@ class AgentVM:
 
     def settled(self, pages: int) -> Callable[[], bool]:
         s = self.session
-        return lambda: s.agent_held == pages and s._inflight is None and s._synced
+        return lambda: s.agent_held == pages and not s.busy and s.synced
 
     def meminfo(self, shell: GuestShell, key: str) -> int:
         out = shell.run(f"grep '^{key}:' /proc/meminfo", check=True).output
@@ -99,7 +99,7 @@ def agent_vm(vm_factory: Callable[..., VMProcess]) -> Iterator[AgentVM]:
     link.start()
     avm = AgentVM(vm, backing, session, link, driver)
     try:
-        avm.wait(lambda: session.state is AgentState.READY and session._synced, 120, "hello")
+        avm.wait(lambda: session.state is AgentState.READY and session.synced, 120, "hello")
         yield avm
     finally:
         avm.link.stop()
@@ -133,7 +133,7 @@ def test_inflate_frees_host_memory_and_deflate_gives_it_back(agent_vm: AgentVM) 
         held = a.session.held_ranges()
         restart_manager(a, RESERVE)
         took = a.wait(
-            lambda: a.session._synced and a.session.agent_held == RESERVE // PAGE,
+            lambda: a.session.synced and a.session.agent_held == RESERVE // PAGE,
             60,
             "the agent re-reports to a restarted manager",
         )
@@ -246,7 +246,7 @@ def test_a_hostile_agent_does_no_harm_and_is_reported(agent_vm: AgentVM) -> None
     assert {"range", "json", "limit"} <= codes
     assert report.fallback_to_balloon and a.driver.balloon_bytes == 64 * MiB
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0 < 64 * MiB
-    assert a.link._thread is not None and a.link._thread.is_alive()
+    assert a.link.running()
     actual = 0
     for _ in range(100):
         actual = a.vm.qmp().cmd("query-balloon")["actual"]

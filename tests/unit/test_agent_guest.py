@@ -278,7 +278,7 @@ def test_real_agent_process_reserves_survives_reconnect_and_releases(tmp_path: P
         session.disconnected()
         conn, _ = server.accept()
         link = _RelayLink(session, conn, relay)
-        _pump_until(link, lambda: session.state is AgentState.READY and session._synced)
+        _pump_until(link, lambda: session.state is AgentState.READY and session.synced)
         assert session.held_ranges() == held and session.violations == 0
         session.set_target(0)
         _pump_until(link, lambda: session.agent_held == 0)

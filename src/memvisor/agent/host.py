@@ -221,6 +221,16 @@ class AgentSession:
             self.lost_reason = why
             self._inflight = None
 
+    @property
+    def synced(self) -> bool:
+        """The agent has re-reported its reservation since the last handshake."""
+        return self._synced
+
+    @property
+    def busy(self) -> bool:
+        """A reserve/release request is in flight."""
+        return self._inflight is not None
+
     def is_lost(self) -> bool:
         return self.state is AgentState.LOST
 

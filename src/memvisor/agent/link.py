@@ -133,6 +133,9 @@ class AgentLink:
                 log.exception("agent link %s failed; reconnecting", self.session.vm)
                 self._close(self.retry_s)
 
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
