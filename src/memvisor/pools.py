@@ -35,17 +35,41 @@ snapshots: they do not follow later changes.
 
 from __future__ import annotations
 
-import enum
 import json
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from memvisor.errors import AdmissionError, InputError, NotFoundError
+from memvisor.poolrules import (
+    KEEP,
+    MAX_SHARES,
+    POOL_SHARES,
+    ROOT,
+    VM_SHARES_PER_MIB,
+    Admission,
+    AdmissionPlan,
+    AdmissionStep,
+    Keep,
+    PoolRecord,
+    PoolView,
+    SharesSpec,
+    VMRecord,
+    VMView,
+    check_bool,
+    check_name,
+    check_shares,
+    check_size,
+    describe_changes,
+    pool_shares,
+    size_text,
+    vm_operation,
+    vm_shares,
+)
 from memvisor.units import MiB
 
 __all__ = [
+    "KEEP",
+    "MAX_SHARES",
     "POOL_SHARES",
     "ROOT",
     "VM_SHARES_PER_MIB",
@@ -55,239 +79,15 @@ __all__ = [
     "Keep",
     "PoolTree",
     "PoolView",
+    "SharesSpec",
     "VMView",
     "check_name",
     "check_shares",
+    "check_size",
     "pool_shares",
     "size_text",
     "vm_shares",
 ]
-
-ROOT = "root"
-POOL_SHARES: dict[str, int] = {"low": 163840, "normal": 327680, "high": 655360}
-VM_SHARES_PER_MIB: dict[str, int] = {"low": 5, "normal": 10, "high": 20}
-MAX_SHARES = 1_000_000_000
-
-SharesSpec = int | str
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-class Keep(enum.Enum):
-    """Marker for "leave this field as it is" in ``update_pool`` / ``update_vm``."""
-
-    KEEP = "keep"
-
-
-KEEP = Keep.KEEP
-
-
-def size_text(n: int) -> str:
-    """An exact size for messages, in the largest binary unit that divides it ("3840 MiB")."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n and n % size == 0:
-            return f"{n // size} {unit}"
-    return f"{n} B"
-
-
-def check_name(name: object, kind: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise InputError(
-            f"{kind} name {name!r}: use 1-64 letters, digits, '_', '.', '-' "
-            "(starting with a letter or digit)"
-        )
-    return name
-
-
-def check_size(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{what}: expected a size in bytes, got {value!r}")
-    if value < 0:
-        raise InputError(f"{what}: must not be negative, got {value}")
-    return value
-
-
-def check_shares(spec: object, what: str) -> SharesSpec:
-    """Validate shares: a positive integer or low/normal/high (case-insensitive)."""
-    if isinstance(spec, str) and spec.lower() in POOL_SHARES:
-        return spec.lower()
-    if isinstance(spec, int) and not isinstance(spec, bool) and 1 <= spec <= MAX_SHARES:
-        return spec
-    raise InputError(
-        f"{what}: expected low, normal, high or an integer 1..{MAX_SHARES}, got {spec!r}"
-    )
-
-
-def pool_shares(spec: SharesSpec) -> int:
-    return POOL_SHARES[spec] if isinstance(spec, str) else spec
-
-
-def vm_shares(spec: SharesSpec, memory: int) -> int:
-    return VM_SHARES_PER_MIB[spec] * (memory // MiB) if isinstance(spec, str) else spec
-
-
-@dataclass(frozen=True, slots=True)
-class PoolView:
-    """A pool as seen at one instant. ``reserved``: what its children hold."""
-
-    name: str
-    parent: str | None
-    reservation: int
-    limit: int | None
-    shares: int
-    shares_spec: SharesSpec
-    expandable: bool
-    reserved: int
-    held: int
-    unreserved: int
-    borrowed: int
-    headroom: int
-
-
-@dataclass(frozen=True, slots=True)
-class VMView:
-    """A VM as seen at one instant. ``limit`` is resolved (the memory when unset)."""
-
-    name: str
-    pool: str
-    memory: int
-    reservation: int
-    limit: int
-    limit_spec: int | None
-    shares: int
-    shares_spec: SharesSpec
-    powered_on: bool
-
-    @property
-    def parent(self) -> str:
-        return self.pool
-
-    @property
-    def held(self) -> int:
-        return self.reservation if self.powered_on else 0
-
-
-@dataclass(frozen=True, slots=True)
-class AdmissionStep:
-    """One pool on an admission chain: what its children hold changed by ``change``; it had
-    ``unreserved`` free before; what it holds in its parent changed by ``passed_up``."""
-
-    pool: str
-    change: int
-    unreserved: int
-    passed_up: int
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    operation: str
-    steps: tuple[AdmissionStep, ...]
-
-    def describe(self) -> str:
-        parts = []
-        for s in self.steps:
-            if s.change > 0:
-                text = f"{s.pool} +{size_text(s.change)}"
-                if s.passed_up > 0:
-                    text += f" (borrows {size_text(s.passed_up)} from its parent)"
-                parts.append(text)
-            elif s.change < 0:
-                parts.append(f"{s.pool} releases {size_text(-s.change)}")
-        return f"{self.operation}: ok" + (f"; {', '.join(parts)}" if parts else "")
-
-
-@dataclass(slots=True)
-class _Pool:
-    name: str
-    parent: str | None
-    reservation: int
-    limit: int | None
-    shares: SharesSpec
-    expandable: bool
-    children_hold: int = 0
-    child_pools: set[str] = field(default_factory=set)
-    child_vms: set[str] = field(default_factory=set)
-
-    @property
-    def held(self) -> int:
-        return max(self.reservation, self.children_hold)
-
-
-@dataclass(slots=True)
-class _VM:
-    name: str
-    pool: str
-    memory: int
-    reservation: int
-    limit: int | None
-    shares: SharesSpec
-    powered_on: bool = False
-
-    @property
-    def hold(self) -> int:
-        return self.reservation if self.powered_on else 0
-
-
-class _Plan:
-    """Changes to pools' children-hold aggregates, computed before anything is applied."""
-
-    def __init__(self, tree: PoolTree, operation: str) -> None:
-        self.tree = tree
-        self.operation = operation
-        self.children_hold: dict[str, int] = {}
-        self.steps: list[AdmissionStep] = []
-
-    def ch(self, name: str) -> int:
-        return self.children_hold.get(name, self.tree._pools[name].children_hold)
-
-    def shift(self, start: str, delta: int) -> None:
-        """Change what ``start``'s children hold by ``delta``, passing changes upwards."""
-        name: str | None = start
-        chain: list[AdmissionStep] = []
-        while name is not None and delta != 0:
-            pool = self.tree._pools[name]
-            old = self.ch(name)
-            new = old + delta
-            passed = max(pool.reservation, new) - max(pool.reservation, old)
-            step = AdmissionStep(name, delta, max(0, pool.reservation - old), passed)
-            if delta > 0:
-                self._check(pool, old, new, delta, chain)
-            self.children_hold[name] = new
-            self.steps.append(step)
-            chain.append(step)
-            name, delta = pool.parent, passed
-
-    def _check(
-        self, pool: _Pool, old: int, new: int, delta: int, chain: list[AdmissionStep]
-    ) -> None:
-        free = max(0, pool.reservation - old)
-        if pool.parent is None and new > pool.reservation:
-            self._refuse(
-                chain,
-                f"{pool.name} (host, capacity {size_text(pool.reservation)}) has "
-                f"{size_text(free)} unreserved, needs {size_text(delta)}",
-            )
-        if not pool.expandable and new > pool.reservation:
-            self._refuse(
-                chain,
-                f"pool {pool.name} (fixed) has {size_text(free)} unreserved, "
-                f"needs {size_text(delta)}",
-            )
-        held = max(pool.reservation, new)
-        if pool.limit is not None and held > pool.limit:
-            self._refuse(
-                chain,
-                f"pool {pool.name} would hold {size_text(held)} (reservation "
-                f"{size_text(pool.reservation)} + borrowed {size_text(held - pool.reservation)}), "
-                f"over its limit {size_text(pool.limit)}",
-            )
-
-    def _refuse(self, chain: list[AdmissionStep], reason: str) -> None:
-        via = [
-            f"pool {s.pool} (expandable) has {size_text(s.unreserved)} unreserved, "
-            f"borrows {size_text(s.passed_up)} from its parent"
-            for s in chain
-        ]
-        raise AdmissionError("; ".join([self.operation, *via, reason]).replace("; ", ": ", 1))
 
 
 class PoolTree:
@@ -295,8 +95,10 @@ class PoolTree:
 
     def __init__(self, capacity: int) -> None:
         capacity = check_size(capacity, "host capacity")
-        self._pools: dict[str, _Pool] = {ROOT: _Pool(ROOT, None, capacity, None, "normal", False)}
-        self._vms: dict[str, _VM] = {}
+        self._pools: dict[str, PoolRecord] = {
+            ROOT: PoolRecord(ROOT, None, capacity, None, "normal", False)
+        }
+        self._vms: dict[str, VMRecord] = {}
         self._changed: set[str] = set()
 
     # ----- queries -----------------------------------------------------------------------
@@ -411,7 +213,7 @@ class PoolTree:
                 f"{op}: the host's children hold {size_text(root.children_hold)}, "
                 "more than the new capacity"
             )
-        plan = _Plan(self, op)
+        plan = AdmissionPlan(self._pools, op)
         return self._commit(plan, lambda: setattr(root, "reservation", capacity), ROOT)
 
     def add_pool(
@@ -425,9 +227,11 @@ class PoolTree:
     ) -> Admission:
         self._check_new_name(check_name(name, "pool"), "pool")
         self._pool(parent, f"pool {name} parent")
-        new = _Pool(name, parent, 0, None, "normal", expandable)
+        new = PoolRecord(name, parent, 0, None, "normal", expandable)
         self._set_pool_fields(new, reservation, limit, shares, expandable)
-        plan = _Plan(self, f"add pool {name} (reservation {size_text(new.reservation)})")
+        plan = AdmissionPlan(
+            self._pools, f"add pool {name} (reservation {size_text(new.reservation)})"
+        )
         plan.shift(parent, new.reservation)
 
         def apply() -> None:
@@ -450,7 +254,7 @@ class PoolTree:
         old = self._pool(name)
         if old.parent is None:
             raise InputError("pool root is the host: change its capacity with set_capacity")
-        new = _Pool(name, old.parent, 0, None, old.shares, old.expandable, old.children_hold)
+        new = PoolRecord(name, old.parent, 0, None, old.shares, old.expandable, old.children_hold)
         self._set_pool_fields(
             new,
             old.reservation if reservation is KEEP else reservation,
@@ -460,9 +264,9 @@ class PoolTree:
         )
         if not isinstance(parent, Keep):
             new.parent = self._check_move(name, parent)
-        op = f"set pool {name}" + _describe_changes(old, new, ("parent", "reservation", "limit"))
+        op = f"set pool {name}" + describe_changes(old, new, ("parent", "reservation", "limit"))
         self._check_own_holding(op, new)
-        plan = _Plan(self, op)
+        plan = AdmissionPlan(self._pools, op)
         self._plan_move(plan, old.parent, new.parent, old.held, new.held)
         return self._commit(plan, lambda: self._replace_pool(old, new), name)
 
@@ -477,14 +281,14 @@ class PoolTree:
     ) -> Admission:
         self._check_new_name(check_name(name, "vm"), "vm")
         self._pool(pool, f"vm {name} pool")
-        new = _VM(name, pool, 0, 0, None, "normal")
+        new = VMRecord(name, pool, 0, 0, None, "normal")
         self._set_vm_fields(new, memory, reservation, limit, shares)
 
         def apply() -> None:
             self._vms[name] = new
             self._pools[pool].child_vms.add(name)
 
-        return self._commit(_Plan(self, f"add vm {name}"), apply, name)
+        return self._commit(AdmissionPlan(self._pools, f"add vm {name}"), apply, name)
 
     def update_vm(
         self,
@@ -499,7 +303,7 @@ class PoolTree:
     ) -> Admission:
         """Change any fields of a VM in one atomic step; power state included."""
         old = self._vm(name)
-        new = _VM(name, old.pool, 0, 0, None, old.shares, old.powered_on)
+        new = VMRecord(name, old.pool, 0, 0, None, old.shares, old.powered_on)
         self._set_vm_fields(
             new,
             old.memory if memory is KEEP else memory,
@@ -510,9 +314,9 @@ class PoolTree:
         if not isinstance(pool, Keep):
             new.pool = self._pool(pool, f"vm {name} pool").name
         if not isinstance(powered_on, Keep):
-            new.powered_on = _check_bool(powered_on, f"vm {name} powered_on")
-        op = _vm_operation(old, new)
-        plan = _Plan(self, op)
+            new.powered_on = check_bool(powered_on, f"vm {name} powered_on")
+        op = vm_operation(old, new)
+        plan = AdmissionPlan(self._pools, op)
         self._plan_move(plan, old.pool, new.pool, old.hold, new.hold)
         return self._commit(plan, lambda: self._replace_vm(old, new), name)
 
@@ -554,7 +358,7 @@ class PoolTree:
                 f"{sorted(p.child_vms)}; remove or move them first"
             )
         parent = p.parent
-        plan = _Plan(self, f"remove pool {name}")
+        plan = AdmissionPlan(self._pools, f"remove pool {name}")
         plan.shift(parent, -p.held)
 
         def apply() -> None:
@@ -572,7 +376,7 @@ class PoolTree:
             del self._vms[name]
             self._pools[v.pool].child_vms.discard(name)
 
-        return self._commit(_Plan(self, f"remove vm {name}"), apply, name)
+        return self._commit(AdmissionPlan(self._pools, f"remove vm {name}"), apply, name)
 
     # ----- persistence and checking helpers ----------------------------------------------
 
@@ -672,7 +476,7 @@ class PoolTree:
 
     # ----- internals ---------------------------------------------------------------------
 
-    def _pool(self, name: str, what: str = "") -> _Pool:
+    def _pool(self, name: str, what: str = "") -> PoolRecord:
         try:
             return self._pools[name]
         except KeyError:
@@ -680,7 +484,7 @@ class PoolTree:
             where = f"{what}: " if what else ""
             raise NotFoundError(f"{where}no pool named {name!r}{hint}") from None
 
-    def _vm(self, name: str) -> _VM:
+    def _vm(self, name: str) -> VMRecord:
         try:
             return self._vms[name]
         except KeyError:
@@ -692,12 +496,12 @@ class PoolTree:
             raise InputError(f"add {kind} {name}: the name is taken by a {self.kind(name)}")
 
     def _set_pool_fields(
-        self, p: _Pool, reservation: object, limit: object, shares: object, expandable: object
+        self, p: PoolRecord, reservation: object, limit: object, shares: object, expandable: object
     ) -> None:
         p.reservation = check_size(reservation, f"pool {p.name} reservation")
         p.limit = None if limit is None else check_size(limit, f"pool {p.name} limit")
         p.shares = check_shares(shares, f"pool {p.name} shares")
-        p.expandable = _check_bool(expandable, f"pool {p.name} expandable")
+        p.expandable = check_bool(expandable, f"pool {p.name} expandable")
         if p.limit is not None and p.reservation > p.limit:
             raise InputError(
                 f"pool {p.name} reservation: {size_text(p.reservation)} is more than its limit "
@@ -705,7 +509,7 @@ class PoolTree:
             )
 
     def _set_vm_fields(
-        self, v: _VM, memory: object, reservation: object, limit: object, shares: object
+        self, v: VMRecord, memory: object, reservation: object, limit: object, shares: object
     ) -> None:
         v.memory = check_size(memory, f"vm {v.name} memory")
         if v.memory < MiB or v.memory % MiB:
@@ -742,7 +546,7 @@ class PoolTree:
             walk = self._pools[walk].parent
         return parent
 
-    def _check_own_holding(self, op: str, new: _Pool) -> None:
+    def _check_own_holding(self, op: str, new: PoolRecord) -> None:
         ch = new.children_hold
         if not new.expandable and ch > new.reservation:
             raise AdmissionError(
@@ -758,7 +562,11 @@ class PoolTree:
 
     @staticmethod
     def _plan_move(
-        plan: _Plan, old_parent: str | None, new_parent: str | None, old_held: int, new_held: int
+        plan: AdmissionPlan,
+        old_parent: str | None,
+        new_parent: str | None,
+        old_held: int,
+        new_held: int,
     ) -> None:
         assert old_parent is not None and new_parent is not None
         if old_parent == new_parent:
@@ -767,7 +575,7 @@ class PoolTree:
             plan.shift(old_parent, -old_held)
             plan.shift(new_parent, new_held)
 
-    def _replace_pool(self, old: _Pool, new: _Pool) -> None:
+    def _replace_pool(self, old: PoolRecord, new: PoolRecord) -> None:
         if old.parent != new.parent:
             assert old.parent is not None and new.parent is not None
             self._pools[old.parent].child_pools.discard(old.name)
@@ -775,48 +583,15 @@ class PoolTree:
         old.parent, old.reservation, old.limit = new.parent, new.reservation, new.limit
         old.shares, old.expandable = new.shares, new.expandable
 
-    def _replace_vm(self, old: _VM, new: _VM) -> None:
+    def _replace_vm(self, old: VMRecord, new: VMRecord) -> None:
         if old.pool != new.pool:
             self._pools[old.pool].child_vms.discard(old.name)
             self._pools[new.pool].child_vms.add(old.name)
         self._vms[old.name] = new
 
-    def _commit(self, plan: _Plan, apply: Callable[[], None], name: str) -> Admission:
+    def _commit(self, plan: AdmissionPlan, apply: Callable[[], None], name: str) -> Admission:
         apply()
         for pool_name, ch in plan.children_hold.items():
             self._pools[pool_name].children_hold = ch
         self._changed.add(name)
         return Admission(plan.operation, tuple(plan.steps))
-
-
-def _check_bool(value: object, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise InputError(f"{what}: expected true or false, got {value!r}")
-    return value
-
-
-def _describe_changes(old: object, new: object, fields: tuple[str, ...]) -> str:
-    parts = []
-    for f in fields:
-        a, b = getattr(old, f), getattr(new, f)
-        if a != b:
-            parts.append(f"{f} {_show(f, a)} -> {_show(f, b)}")
-    if getattr(old, "expandable", None) != getattr(new, "expandable", None):
-        parts.append(
-            "expandable -> fixed" if getattr(old, "expandable", False) else "fixed -> expandable"
-        )
-    return (" " + ", ".join(parts)) if parts else ""
-
-
-def _show(field_name: str, value: object) -> str:
-    if field_name in ("parent", "pool") or not isinstance(value, int):
-        return "unlimited" if value is None else str(value)
-    return size_text(value)
-
-
-def _vm_operation(old: _VM, new: _VM) -> str:
-    if old.powered_on != new.powered_on:
-        return f"power-{'on' if new.powered_on else 'off'} {old.name}"
-    return f"set vm {old.name}" + _describe_changes(
-        old, new, ("pool", "memory", "reservation", "limit")
-    )
