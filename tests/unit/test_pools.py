@@ -313,3 +313,20 @@ def test_records_round_trip() -> None:
     assert copy.canonical() == t.canonical()
     changed = t.drain_changes()
     assert "VM-K1" in changed and t.drain_changes() == set()
+
+
+def test_headroom_is_what_a_power_on_could_get() -> None:
+    t = vsphere_example(kid_expandable=True)
+    assert (t.headroom("RP-KID"), t.headroom("RP-MOM"), t.headroom("root")) == (
+        5 * GiB,  # 2 of its own + 3 unreserved in RP-MOM (fixed: nothing from the host)
+        3 * GiB,
+        10 * GiB,
+    )
+    t.update_pool("RP-KID", limit=3 * GiB)
+    assert t.headroom("RP-KID") == 3 * GiB  # reservation + borrowed capped by the limit
+    t.add_vm("probe", pool="RP-KID", memory=4 * GiB, reservation=3 * GiB + MiB)
+    with pytest.raises(AdmissionError, match="over its limit 3 GiB"):
+        t.power_on("probe")
+    t.set_reservation("probe", 3 * GiB)
+    t.power_on("probe")
+    assert t.headroom("RP-KID") == 0 and t.pool("RP-KID").headroom == 0
