@@ -27,6 +27,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "memvisor.cli.image",
     "memvisor.cli.qemu",
     "memvisor.cli.introspect",
+    "memvisor.cli.daemon",  # after pools: adds `vm set-reservation` to its `vm` group
+    "memvisor.cli.demo",
     "memvisor.cli.sim",
 )
 
