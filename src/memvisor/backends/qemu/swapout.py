@@ -109,12 +109,17 @@ def choose_chunks(
     return align_ranges(chosen, npages * PAGE_SIZE)
 
 
+def sync_range(fd: int, offset: int, length: int) -> None:
+    """Write back the dirty pages of a file range and wait for it (no device cache flush)."""
+    if _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_ALL) != 0:
+        raise BackendError(f"sync_file_range: {os.strerror(ctypes.get_errno())}")
+
+
 def page_out(pid: int, fd: int, hva_base: int, ranges: Sequence[tuple[int, int]]) -> None:
     """Run write-back -> PAGEOUT -> DONTNEED over file ``ranges`` (offset, length) of the
     backing file open as ``fd``, mapped in QEMU ``pid`` at ``hva_base``."""
     for off, length in ranges:
-        if _libc.sync_file_range(fd, off, length, SYNC_FILE_RANGE_ALL) != 0:
-            raise BackendError(f"sync_file_range: {os.strerror(ctypes.get_errno())}")
+        sync_range(fd, off, length)
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError as exc:
