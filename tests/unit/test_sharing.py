@@ -27,7 +27,7 @@ from memvisor.sharing import (
     rank_for_reclamation,
     select_mappings,
 )
-from memvisor.sharing.metric import median_interval, proportion_interval
+from memvisor.sharing.metric import median_interval, median_of_sorted, proportion_interval
 from memvisor.sharing.procfs import (
     KPF_KSM,
     KPF_ZERO_PAGE,
@@ -35,6 +35,8 @@ from memvisor.sharing.procfs import (
     EndOfFile,
     coalesce_runs,
     read_entries,
+    read_entries_of_files,
+    worth_coalescing,
 )
 
 MAPS = """\
@@ -124,16 +126,36 @@ def test_coalesced_runs_cover_each_index_once(indices: set[int], gap: int) -> No
     assert (between > gap).all()  # runs are split only where the gap is too wide
 
 
+@given(st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=50))
+def test_median_of_sorted_values_is_numpys_median(counts: list[int]) -> None:
+    values = np.sort(np.array(counts, dtype=np.float64))
+    assert median_of_sorted(values) == float(np.median(values))
+
+
 def test_read_entries_from_a_real_file(tmp_path: Path) -> None:
     values = np.arange(10_000, dtype=np.uint64) * np.uint64(7) + np.uint64(1 << 60)
     path = tmp_path / "entries"
     path.write_bytes(values.tobytes())
-    want = np.random.default_rng(3).integers(0, 10_000, size=3000).astype(np.uint64)
+    rng = np.random.default_rng(3)
+    scattered = rng.integers(0, 10_000, size=3000).astype(np.uint64)
+    dense = np.unique(rng.integers(0, 10_000, size=3000)).astype(np.uint64)
+    repeated = np.repeat(dense[::-1], 2)  # near neighbours, but descending and repeated
     fd = os.open(path, os.O_RDONLY)
     try:
-        for gap in (0, 16, 1000):
+        for want, gap, coalesced in [
+            (scattered, 0, False),
+            (scattered, 1000, False),
+            (scattered, 5000, True),
+            (dense, 0, True),
+            (dense, 16, True),
+            (repeated, 0, True),
+            (repeated, 16, True),
+        ]:
+            assert worth_coalescing(want, gap) is coalesced
             got = read_entries(fd, want, max_gap=gap)
             assert np.array_equal(got, values[want.astype(np.int64)])
+            both = read_entries_of_files([fd, fd], want, max_gap=gap)
+            assert all(np.array_equal(g, got) for g in both)
         past = np.array([5, 9_999, 10_000, 20_000], dtype=np.uint64)
         with pytest.raises(EndOfFile):
             read_entries(fd, past, max_gap=0)

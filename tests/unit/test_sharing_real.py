@@ -25,12 +25,21 @@ from memvisor.errors import InputError, NotFoundError
 from memvisor.sharing import (
     Context,
     ContextGoneError,
+    compute_stats,
     rank_for_reclamation,
     sample_guest_ram,
     sample_guest_ranges,
     sample_process,
 )
-from memvisor.sharing.procfs import KPF_THP, PAGEMAP_EXCLUSIVE, pfns_of, read_entries
+from memvisor.sharing.procfs import (
+    KPF_ANON,
+    KPF_KSM,
+    KPF_THP,
+    KPF_ZERO_PAGE,
+    PAGEMAP_EXCLUSIVE,
+    pfns_of,
+    read_entries,
+)
 from memvisor.sharing.sampler import FrameFiles
 from memvisor.units import PAGE_SIZE
 
@@ -216,6 +225,7 @@ def test_exclusive_pages_have_one_mapping_as_kpagecount_says(
     """The sampler takes pagemap's "exclusively mapped" bit for kpagecount 1: check it."""
     h = spawn(mode, 16, *args)
     with Context.open_process(h.pid, all_mappings=True) as ctx:
+        ctx.all_flags = True  # the THP check below needs the flags of exclusive pages too
         s = ctx.scan()
     exclusive = s.present_mask & ((s.entries & np.uint64(PAGEMAP_EXCLUSIVE)) != 0)
     fd = os.open("/proc/kpagecount", os.O_RDONLY)
@@ -233,6 +243,54 @@ def test_exclusive_pages_have_one_mapping_as_kpagecount_says(
     if mode == "thp":
         thp = (s.flags[in_region] >> np.uint64(KPF_THP)) & np.uint64(1)
         assert thp.all(), "the helper's region is not backed by huge pages"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("mode", "args"), [("private", ()), ("cow", (0, 3, 50)), ("ksm", (7,))])
+def test_skipping_flags_of_exclusive_pages_changes_no_result(
+    spawn: Callable[..., Helper], mode: str, args: tuple[int, ...]
+) -> None:
+    """Exclusive pages of a process that KSM cannot touch are not asked for their kpageflags;
+    a mergeable process (mode "ksm": MADV_MERGEABLE) still has every flag read."""
+    h = spawn(mode, 16, *args)
+    with Context.open_range(h.pid, h.addr, h.size) as ctx:
+        for full in (False, True):
+            lean = ctx.sample(1000, seed=3) if not full else ctx.scan()
+            ctx.all_flags = True
+            every = ctx.sample(1000, seed=3) if not full else ctx.scan()
+            ctx.all_flags = False
+            assert compute_stats(lean).to_json() == compute_stats(every).to_json()
+            assert np.array_equal(lean.counts, every.counts)
+            exclusive = (lean.entries & np.uint64(PAGEMAP_EXCLUSIVE)) != 0
+            assert exclusive.any() and (every.flags[exclusive] != 0).all()
+            read = lean.flags[exclusive] != 0
+            assert read.all() if mode == "ksm" else not read.any()
+            used = np.uint64((1 << KPF_KSM) | (1 << KPF_ZERO_PAGE) | (1 << KPF_ANON))
+            assert np.array_equal(lean.flags[~exclusive] & used, every.flags[~exclusive] & used)
+
+
+@pytest.mark.timeout(60)
+def test_a_reused_context_follows_the_process_and_notices_its_exit(
+    spawn: Callable[..., Helper],
+) -> None:
+    h = spawn("fork", 8, 1)
+    with Context.open_range(h.pid, h.addr, h.size) as ctx:
+        first = ctx.measure(500, seed=1)
+        assert first.mean_harmonic == pytest.approx(2.0)
+        os.kill(h.children[0], 9)  # the parent's pages become private
+        deadline = time.monotonic() + 20
+        while ctx.measure(500, seed=1).mean_harmonic != 1.0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = ctx.measure(500, seed=1)
+        assert again.mean_harmonic == 1.0 and again.expected_freed_per_page == 1.0
+        assert (
+            again.to_json()
+            == sample_guest_ram(h.pid, h.addr, h.size, samples=500, seed=1).to_json()
+        )
+        h.proc.kill()
+        h.proc.wait()
+        with pytest.raises(ContextGoneError, match=f"process {h.pid} exited"):
+            ctx.measure(500, seed=1)
 
 
 # --- KSM ------------------------------------------------------------------------------------
@@ -307,10 +365,10 @@ def test_process_exiting_between_pagemap_and_frame_reads(
     h = spawn("private", 8)
     real_read = FrameFiles.read
 
-    def kill_then_read(self: FrameFiles, pfns: Any) -> Any:
+    def kill_then_read(self: FrameFiles, pfns: Any, *args: Any, **kwargs: Any) -> Any:
         h.proc.kill()  # the process dies after its PFNs were read: the counts would be stale
         h.proc.wait()
-        return real_read(self, pfns)
+        return real_read(self, pfns, *args, **kwargs)
 
     monkeypatch.setattr(FrameFiles, "read", kill_then_read)
     with pytest.raises(ContextGoneError, match="exited"):
@@ -360,7 +418,15 @@ nobody = pwd.getpwnam("nobody")
 os.setgid(nobody.pw_gid)
 os.setuid(nobody.pw_uid)
 ctypes.CDLL(None).prctl(4, 1)  # PR_SET_DUMPABLE: our own /proc/self files stay readable
-from memvisor.sharing.procfs import KPF_THP, PAGEMAP_EXCLUSIVE, pfns_of, read_entries
+from memvisor.sharing.procfs import (
+    KPF_ANON,
+    KPF_KSM,
+    KPF_THP,
+    KPF_ZERO_PAGE,
+    PAGEMAP_EXCLUSIVE,
+    pfns_of,
+    read_entries,
+)
 from memvisor.sharing.sampler import FrameFiles
 try:
     FrameFiles()

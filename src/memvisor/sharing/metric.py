@@ -219,12 +219,13 @@ def finite_population_factor(sampled: int, population: int) -> float:
     return math.sqrt(1.0 - sampled / population)
 
 
-def mean_interval(values: FloatArray, fpc: float) -> Interval | None:
-    """Normal-approximation interval of a mean, with the finite-population correction."""
+def mean_interval(values: FloatArray, fpc: float, mean: float | None = None) -> Interval | None:
+    """Normal-approximation interval of a mean, with the finite-population correction
+    (``mean``: the values' mean, if the caller has it already)."""
     n = values.size
     if n == 0:
         return None
-    mean = float(values.mean())
+    mean = float(values.mean()) if mean is None else mean
     if fpc == 0.0:
         return Interval(mean, mean)
     if n < 2:
@@ -255,13 +256,22 @@ def median_interval(sorted_values: FloatArray, fpc: float) -> Interval | None:
     n = sorted_values.size
     if n == 0:
         return None
-    med = float(np.median(sorted_values))
+    med = median_of_sorted(sorted_values)
     if fpc == 0.0:
         return Interval(med, med)
     half_rank = Z95 * math.sqrt(n) / 2 * fpc
     lo = max(0, math.floor(n / 2 - half_rank))
     hi = min(n - 1, math.ceil(n / 2 + half_rank) - 1)
     return Interval(float(sorted_values[lo]), float(sorted_values[max(lo, hi)]))
+
+
+def median_of_sorted(sorted_values: FloatArray) -> float:
+    """``np.median`` of values already sorted, without its partition (same arithmetic: the
+    middle value, or the mean of the two middle values)."""
+    n = sorted_values.size
+    if n % 2:
+        return float(sorted_values[n // 2])
+    return float(sorted_values[n // 2 - 1 : n // 2 + 1].mean())
 
 
 def _reciprocal_interval(iv: Interval | None) -> Interval | None:
@@ -277,47 +287,54 @@ def _reciprocal_interval(iv: Interval | None) -> Interval | None:
 
 @dataclass(frozen=True, eq=False)
 class _PresentPages:
-    """The present pages of a sample, split into the classes the metric needs."""
+    """The present pages of a sample, split into the classes the metric needs; each array and
+    mean is computed once (this runs every tick for every context)."""
 
     counts: U64Array
     zero: npt.NDArray[np.bool_]  # KPF_ZERO_PAGE
     ksm: npt.NDArray[np.bool_]  # KPF_KSM
+    shared: npt.NDArray[np.bool_]  # shared or free: KSM, zero page, or count != 1
     real: FloatArray  # counts of frames that have one (c >= 1, not the zero page)
+    real_sorted: FloatArray  # the same, sorted (for the median; the means sum ``real``)
+    logs: FloatArray  # ln of ``real``
     reciprocal: FloatArray  # 1/c per present page; 0 where the frame has no count
 
     @classmethod
-    def of(cls, sample: PageSample) -> _PresentPages:
-        mask = sample.present_mask
-        counts, flags = sample.counts[mask], sample.flags[mask]
+    def of(cls, sample: PageSample, present: npt.NDArray[np.bool_]) -> _PresentPages:
+        counts, flags = sample.counts[present], sample.flags[present]
         zero = flag_set(flags, KPF_ZERO_PAGE)
+        ksm = flag_set(flags, KPF_KSM)
         has_count = (counts >= 1) & ~zero
         real = counts[has_count].astype(np.float64)
         reciprocal = np.zeros(counts.size, dtype=np.float64)
         reciprocal[has_count] = 1.0 / real
-        return cls(counts, zero, flag_set(flags, KPF_KSM), real, reciprocal)
-
-    @property
-    def shared(self) -> npt.NDArray[np.bool_]:
-        result: npt.NDArray[np.bool_] = self.ksm | self.zero | (self.counts != 1)
-        return result
+        shared = ksm | zero | (counts != 1)
+        return cls(counts, zero, ksm, shared, real, np.sort(real), np.log(real), reciprocal)
 
 
 def _fraction(mask: npt.NDArray[np.bool_]) -> float:
     return float(mask.mean()) if mask.size else 0.0
 
 
-def _intervals(pages: _PresentPages, fpc: float) -> ConfidenceIntervals:
+def _mean(values: FloatArray) -> float | None:
+    return float(values.mean()) if values.size else None
+
+
+def _intervals(
+    pages: _PresentPages, fpc: float, means: tuple[float | None, ...]
+) -> ConfidenceIntervals:
     n = int(pages.counts.size)
-    freed = mean_interval(pages.reciprocal, fpc)
+    mean_freed, mean_real, mean_log = means
+    freed = mean_interval(pages.reciprocal, fpc, mean_freed)
     if freed is not None:
         freed = Interval(max(0.0, freed.low), min(1.0, freed.high))
-    arith = mean_interval(pages.real, fpc)
-    logs = mean_interval(np.log(pages.real), fpc)
+    arith = mean_interval(pages.real, fpc, mean_real)
+    logs = mean_interval(pages.logs, fpc, mean_log)
     return ConfidenceIntervals(
         mean_arithmetic=None if arith is None else Interval(max(1.0, arith.low), arith.high),
         mean_geometric=None if logs is None else Interval(math.exp(logs.low), math.exp(logs.high)),
         mean_harmonic=_reciprocal_interval(freed),
-        median=median_interval(np.sort(pages.real), fpc),
+        median=median_interval(pages.real_sorted, fpc),
         shared_fraction=proportion_interval(int(pages.shared.sum()), n, fpc),
         ksm_fraction=proportion_interval(int(pages.ksm.sum()), n, fpc),
         zero_fraction=proportion_interval(int(pages.zero.sum()), n, fpc),
@@ -327,11 +344,13 @@ def _intervals(pages: _PresentPages, fpc: float) -> ConfidenceIntervals:
 
 def compute_stats(sample: PageSample) -> SharingStats:
     """The metric of one context from its sampled pages."""
-    pages = _PresentPages.of(sample)
+    present_mask = sample.present_mask
+    pages = _PresentPages.of(sample, present_mask)
     present, real = int(pages.counts.size), pages.real
     fpc = finite_population_factor(sample.sampled, sample.context_pages)
     scale = sample.context_pages / sample.sampled if sample.sampled else 0.0
-    freed = float(pages.reciprocal.mean()) if present else 0.0
+    mean_freed, mean_real, mean_log = _mean(pages.reciprocal), _mean(real), _mean(pages.logs)
+    freed = mean_freed if mean_freed is not None else 0.0
     return SharingStats(
         label=sample.label,
         pid=sample.pid,
@@ -341,10 +360,10 @@ def compute_stats(sample: PageSample) -> SharingStats:
         swapped=int(sample.swapped_mask.sum()),
         absent=sample.sampled - int(sample.entries.size),
         counted=int(real.size),
-        mean_arithmetic=float(real.mean()) if real.size else None,
-        mean_geometric=float(np.exp(np.log(real).mean())) if real.size else None,
+        mean_arithmetic=mean_real,
+        mean_geometric=None if mean_log is None else float(np.exp(mean_log)),
         mean_harmonic=1.0 / freed if freed > 0 else math.inf,
-        median=float(np.median(real)) if real.size else None,
+        median=median_of_sorted(pages.real_sorted) if real.size else None,
         expected_freed_per_page=freed,
         shared_fraction=_fraction(pages.shared),
         ksm_fraction=_fraction(pages.ksm),
@@ -353,7 +372,7 @@ def compute_stats(sample: PageSample) -> SharingStats:
         own_pages=float(pages.reciprocal.sum()) * scale,
         full_scan=sample.full_scan,
         seed=sample.seed,
-        ci95=_intervals(pages, fpc),
+        ci95=_intervals(pages, fpc, (mean_freed, mean_real, mean_log)),
         warnings=sample.warnings + _small_sample_warning(present, fpc),
     )
 

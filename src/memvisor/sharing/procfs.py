@@ -1,11 +1,12 @@
 """The raw kernel interfaces behind the sharing metric: ``/proc/PID/maps`` parsing, the bits of
 ``/proc/PID/pagemap`` and ``/proc/kpage{count,flags}``, and coalesced reads of 8-byte entries.
 
-Every entry of the three files is one little-endian ``u64`` at ``index * 8``. A ``pread`` costs
-about a microsecond of fixed overhead but only 15 (pagemap) to 50 (kpage*) nanoseconds per extra
-entry, so reading a short gap between two wanted entries is cheaper than a second syscall:
-:func:`coalesce_runs` merges sorted indices whose gap is at most ``max_gap`` into one run and
-:func:`read_entries` reads each run with one ``preadv`` straight into a numpy buffer.
+Every entry of the three files is one little-endian ``u64`` at ``index * 8``. A ``pread`` from
+Python costs 0.5-0.8 us in the kernel plus ~0.2 us in the interpreter, but only ~34 ns
+(pagemap over 4 KiB pages; ~4 ns over huge pages) or ~47 ns (kpage*) per extra entry, so reading
+a short gap between two wanted entries is cheaper than a second syscall: :func:`coalesce_runs`
+merges sorted indices whose gap is at most ``max_gap`` into one run and :func:`read_entries`
+reads each run with one ``pread``. Sparse samples skip the run bookkeeping altogether.
 """
 
 from __future__ import annotations
@@ -39,9 +40,14 @@ KPF_THP = 22
 KPF_ZERO_PAGE = 24
 
 # Largest gap (in entries) still read through rather than split into two syscalls: about the
-# fixed cost of a pread divided by the per-entry cost, measured in bench/bench_sharing.py.
-PAGEMAP_MAX_GAP = 48
+# fixed cost of a pread divided by the per-entry cost (figures in the module docstring,
+# measured on this host with 1 GiB contexts: 1.0 us / 34 ns ~ 30; 0.7 us / 47 ns ~ 15).
+PAGEMAP_MAX_GAP = 32
 FRAME_MAX_GAP = 16
+
+# Coalesce only when it saves at least one read in this many (below, sorting and planning the
+# runs cost more than the reads saved: measured with bench/bench_sharing.py).
+COALESCE_MIN_SAVED = 4
 
 # Whole-range reads (full scans) go in chunks of this many entries to bound memory.
 SCAN_CHUNK_ENTRIES = 1 << 16
@@ -198,22 +204,64 @@ def read_entries(
     Past the end of the file: :class:`EndOfFile`, or zeros with ``zero_past_end`` (the kpage
     files end at the last frame with a struct page; device memory beyond has none to count).
     """
+    return read_entries_of_files([fd], indices, max_gap, zero_past_end=zero_past_end)[0]
+
+
+def read_entries_of_files(
+    fds: list[int], indices: U64Array, max_gap: int, *, zero_past_end: bool = False
+) -> list[U64Array]:
+    """:func:`read_entries` of the same indices in several files (kpagecount and kpageflags are
+    indexed alike), planning the reads once.
+
+    Coalescing needs the indices sorted and the runs planned, which costs about as much per
+    index as the ``pread`` it saves; a sparse sample (K = 1,000 pages of 1 GiB are ~260 pages
+    apart, and the frames behind 4 KiB pages are scattered over the host) saves almost no
+    read, so it is read an entry at a time, in the order given, with no bookkeeping at all."""
     idx = np.asarray(indices, dtype=np.uint64)
-    if idx.size == 0:
-        return np.zeros(0, dtype=np.uint64)
-    unique, inverse = np.unique(idx, return_inverse=True)
-    runs = coalesce_runs(unique, max_gap)
+    if not worth_coalescing(idx, max_gap):
+        offsets = (idx * np.uint64(ENTRY_BYTES)).tolist()
+        return [_read_at(fd, offsets, None, zero_past_end) for fd in fds]
+    inverse = None
+    if not bool((idx[1:] > idx[:-1]).all()):
+        idx, inverse = np.unique(idx, return_inverse=True)
+        inverse = inverse.reshape(-1)
+    runs = coalesce_runs(idx, max_gap)
     offsets = (runs.starts * np.uint64(ENTRY_BYTES)).tolist()
     sizes = (runs.lengths * np.uint64(ENTRY_BYTES)).tolist()
+    results: list[U64Array] = []
+    for fd in fds:
+        got = _read_at(fd, offsets, sizes, zero_past_end)[runs.positions]
+        results.append(got if inverse is None else got[inverse])
+    return results
+
+
+def worth_coalescing(indices: U64Array, max_gap: int) -> bool:
+    """Whether coalescing saves at least 1 read in COALESCE_MIN_SAVED: judged on neighbours in
+    the given order (sorted page numbers; frames of consecutive sampled pages, which are
+    contiguous inside a huge page, and repeats such as the zero page's frame)."""
+    if indices.size < 2:
+        return False
+    steps = np.diff(indices.view(np.int64))
+    near = int(np.count_nonzero(np.abs(steps) <= max_gap + 1))
+    return near * COALESCE_MIN_SAVED >= indices.size
+
+
+def _read_at(fd: int, offsets: list[int], sizes: list[int] | None, zero_past_end: bool) -> U64Array:
+    """Read ``sizes[i]`` bytes (one entry each if None) at each offset, concatenated."""
     # The hot loop: one pread per run and nothing else (a Python call per run costs as much
     # as the syscall itself, so short reads are handled afterwards, on the rare slow path).
     pread = os.pread
-    data = b"".join([pread(fd, n, off) for n, off in zip(sizes, offsets, strict=True)])
-    if len(data) != runs.total_entries * ENTRY_BYTES:
+    if sizes is None:
+        data = b"".join([pread(fd, ENTRY_BYTES, off) for off in offsets])
+        expected = ENTRY_BYTES * len(offsets)
+    else:
+        data = b"".join([pread(fd, n, off) for n, off in zip(sizes, offsets, strict=True)])
+        expected = sum(sizes)
+    if len(data) != expected:
+        if sizes is None:
+            sizes = [ENTRY_BYTES] * len(offsets)
         data = _read_runs_completely(fd, offsets, sizes, zero_past_end)
-    buf = np.frombuffer(data, dtype=np.uint64)
-    result: U64Array = buf[runs.positions][inverse.reshape(-1)]
-    return result
+    return np.frombuffer(bytearray(data), dtype=np.uint64)
 
 
 def _read_runs_completely(

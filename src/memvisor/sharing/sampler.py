@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 import numpy as np
+import numpy.typing as npt
 
 from memvisor.errors import (
     BackendError,
@@ -41,6 +42,7 @@ from memvisor.sharing.procfs import (
     parse_maps,
     pfns_of,
     read_entries,
+    read_entries_of_files,
     read_range,
     select_mappings,
 )
@@ -76,6 +78,23 @@ def _open_proc(pid: int, name: str) -> int:
         raise PermissionNeededError(
             f"cannot read {path}: {NEED_ROOT} (or the process's own user with ptrace access)"
         ) from None
+
+
+# ksm_stat_fd values that are not descriptors: no per-process KSM state to read, so every
+# frame's flags are read; or no KSM in the kernel at all, so no page can be a KSM page.
+KSM_UNKNOWN = -1
+KSM_ABSENT = -2
+
+
+def _open_ksm_stat(pid: int) -> int:
+    """``/proc/PID/ksm_stat`` (its ``ksm_mergeable`` line: does any area of the process take
+    part in KSM?), KSM_ABSENT on a kernel without KSM, KSM_UNKNOWN if it cannot be read."""
+    try:
+        return os.open(f"/proc/{pid}/ksm_stat", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return KSM_UNKNOWN if os.path.exists("/sys/kernel/mm/ksm") else KSM_ABSENT
+    except OSError:
+        return KSM_UNKNOWN
 
 
 def read_maps(pid: int) -> list[MapsEntry]:
@@ -125,19 +144,31 @@ class FrameFiles:
                 f"{path} is missing: the host kernel lacks CONFIG_PROC_PAGE_MONITOR"
             ) from None
 
-    def read(self, entries: U64Array, max_gap: int = FRAME_MAX_GAP) -> tuple[U64Array, U64Array]:
+    def read(
+        self, entries: U64Array, max_gap: int = FRAME_MAX_GAP, *, exclusive_flags: bool = True
+    ) -> tuple[U64Array, U64Array]:
         """(kpagecount, kpageflags) of the frames behind present pagemap ``entries``.
 
         Pages pagemap marks exclusively mapped have count 1 without asking kpagecount: that
         saves a third of the syscalls on private memory, where samples are too sparse to
-        coalesce."""
+        coalesce. Without ``exclusive_flags`` their flags are not read either (left 0): the
+        caller knows they cannot be KSM pages, and an exclusive page is never the zero page
+        (the kernel does not count the zero page's mappings), so the metric needs no flag."""
         pfns = pfns_of(entries)
         single = (entries & np.uint64(PAGEMAP_EXCLUSIVE)) != 0
         counts = np.ones(entries.size, dtype=np.uint64)
+        flags = np.zeros(entries.size, dtype=np.uint64)
+        shared = ~single
         # Frames past the end of the kpage files (device memory) have no struct page: they
         # read as count 0, flags 0, and so count as not reclaimable, like the kernel's PSS.
-        counts[~single] = read_entries(self.count_fd, pfns[~single], max_gap, zero_past_end=True)
-        flags = read_entries(self.flags_fd, pfns, max_gap, zero_past_end=True)
+        if exclusive_flags:
+            counts[shared] = read_entries(self.count_fd, pfns[shared], max_gap, zero_past_end=True)
+            flags = read_entries(self.flags_fd, pfns, max_gap, zero_past_end=True)
+        else:
+            fds = [self.count_fd, self.flags_fd]
+            counts[shared], flags[shared] = read_entries_of_files(
+                fds, pfns[shared], max_gap, zero_past_end=True
+            )
         return counts, flags
 
     def close(self) -> None:
@@ -146,13 +177,34 @@ class FrameFiles:
 
 
 class Context:
-    """An opened address space: a process's pagemap and the page ranges to sample."""
+    """An opened address space: a process's pagemap and the page ranges to sample.
 
-    def __init__(self, pid: int, ranges: list[PageRange], label: str, pagemap_fd: int) -> None:
+    The reusable sampler of a control loop: open it once per process or VM and call
+    :meth:`measure` (or :meth:`sample`) every tick. It keeps the pagemap, kpagecount,
+    kpageflags and ksm_stat files open and the ranges as they were checked at open time, so a
+    tick costs only the reads of the sampled pages. The pagemap descriptor stays bound to the
+    process it was opened for: if it exits (and its PID is reused) the next sample raises
+    :class:`ContextGoneError` instead of measuring another process. Reopen it when the
+    process's mappings change (a process context samples the mappings it had when opened).
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        ranges: list[PageRange],
+        label: str,
+        pagemap_fd: int,
+        *,
+        ksm_stat_fd: int = KSM_UNKNOWN,
+    ) -> None:
         self.pid = pid
         self.ranges = tuple(ranges)
         self.label = label
+        # Read every frame's flags, even where the metric needs none (see FrameFiles.read).
+        self.all_flags = False
         self._fd = pagemap_fd
+        self._ksm_fd = ksm_stat_fd
+        self._frames: FrameFiles | None = None
         self._first_vpns = np.array([r.first_vpn for r in ranges], dtype=np.uint64)
         sizes = np.array([r.pages for r in ranges], dtype=np.int64)
         self._ends = np.cumsum(sizes)  # index just past each range in the concatenated ranges
@@ -170,7 +222,7 @@ class Context:
             raise
         ranges = [PageRange(e.start // PAGE_SIZE, e.pages) for e in chosen]
         kind = "all mappings" if all_mappings else "private writable + anonymous"
-        return cls(pid, ranges, f"pid {pid} ({kind})", fd)
+        return cls(pid, ranges, f"pid {pid} ({kind})", fd, ksm_stat_fd=_open_ksm_stat(pid))
 
     @classmethod
     def open_range(cls, pid: int, start: int, length: int) -> Context:
@@ -200,7 +252,7 @@ class Context:
             raise
         label = f"pid {pid} " + ", ".join(f"range {s:#x}+{n:#x}" for s, n in ranges)
         pages = [PageRange(s // PAGE_SIZE, n // PAGE_SIZE) for s, n in ranges]
-        return cls(pid, pages, label, fd)
+        return cls(pid, pages, label, fd, ksm_stat_fd=_open_ksm_stat(pid))
 
     def __enter__(self) -> Context:
         return self
@@ -217,14 +269,29 @@ class Context:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._ksm_fd >= 0:
+            os.close(self._ksm_fd)
+            self._ksm_fd = KSM_UNKNOWN
+        if self._frames is not None:
+            self._frames.close()
+            self._frames = None
 
-    def vpns_of(self, indices: U64Array) -> U64Array:
+    def vpns_of(self, indices: U64Array | npt.NDArray[np.int64]) -> U64Array:
         """Virtual page numbers of page indices into the concatenated ranges."""
+        if len(self.ranges) == 1:
+            one: U64Array = np.asarray(indices, dtype=np.uint64) + self._first_vpns[0]
+            return one
         idx = np.asarray(indices, dtype=np.int64)
         which = np.searchsorted(self._ends, idx, side="right")
         before = np.concatenate(([0], self._ends[:-1]))[which]
         result: U64Array = self._first_vpns[which] + (idx - before).astype(np.uint64)
         return result
+
+    def measure(
+        self, samples: int = 10_000, seed: int | None = None, *, full: bool = False
+    ) -> SharingStats:
+        """The sharing metric now: K sampled pages, or every page with ``full``."""
+        return compute_stats(self.scan(seed=seed) if full else self.sample(samples, seed))
 
     def sample(self, k: int, seed: int | None = None) -> PageSample:
         """K distinct pages drawn uniformly; K at least the context's size scans every page."""
@@ -240,11 +307,14 @@ class Context:
             return self.scan(seed=seed, warnings=(note,))
         seed = secrets.randbits(32) if seed is None else seed
         rng = np.random.default_rng(seed)
-        indices = np.sort(rng.choice(self.total_pages, size=k, replace=False))
-        vpns = self.vpns_of(indices.astype(np.uint64))
+        indices = rng.choice(self.total_pages, size=k, replace=False)
+        indices.sort()
+        vpns = self.vpns_of(indices)
         entries = self._read_pagemap(vpns)
         kept = (entries & np.uint64(PAGEMAP_PRESENT | PAGEMAP_SWAPPED)) != 0
-        return self._resolve(vpns[kept], entries[kept], k, full=False, seed=seed, warnings=())
+        if not kept.all():
+            vpns, entries = vpns[kept], entries[kept]
+        return self._resolve(vpns, entries, k, full=False, seed=seed, warnings=())
 
     def scan(self, *, seed: int | None = None, warnings: tuple[str, ...] = ()) -> PageSample:
         """Every page of the context (full scan)."""
@@ -267,6 +337,24 @@ class Context:
             seed=seed,
             warnings=warnings,
         )
+
+    def _need_all_flags(self, present: U64Array) -> bool:
+        """Whether exclusive pages need their kpageflags read: only to tell a KSM page with
+        one mapping left from a private one, and KSM pages live only in mergeable areas
+        (MADV_UNMERGEABLE and prctl unmerge them first; fork copies the mergeable flag).
+
+        Asked right before the frame reads, like the kpageflags read it stands for."""
+        if self.all_flags or self._ksm_fd == KSM_UNKNOWN:
+            return True
+        if not (present & np.uint64(PAGEMAP_EXCLUSIVE)).any():
+            return False  # no exclusive page: every flag is read anyway
+        if self._ksm_fd == KSM_ABSENT:
+            return False
+        try:
+            stat = os.pread(self._ksm_fd, 1024, 0)
+        except OSError:
+            return True  # e.g. the process exited: the liveness check after the reads says so
+        return b"\nksm_mergeable: no\n" not in stat
 
     def _gone(self) -> ContextGoneError:
         return ContextGoneError(f"process {self.pid} exited while {self.label} was sampled")
@@ -306,14 +394,19 @@ class Context:
     ) -> PageSample:
         """Read the frames behind the present pages, then check the process is still there."""
         check_pfns_visible(entries, self.pid)
-        counts = np.zeros(entries.size, dtype=np.uint64)
-        flags = np.zeros(entries.size, dtype=np.uint64)
         present = (entries & np.uint64(PAGEMAP_PRESENT)) != 0
-        frames = FrameFiles()
-        try:
-            counts[present], flags[present] = frames.read(entries[present])
-        finally:
-            frames.close()
+        if self._frames is None:
+            self._frames = FrameFiles()
+        if present.all():
+            counts, flags = self._frames.read(
+                entries, exclusive_flags=self._need_all_flags(entries)
+            )
+        else:
+            counts = np.zeros(entries.size, dtype=np.uint64)
+            flags = np.zeros(entries.size, dtype=np.uint64)
+            counts[present], flags[present] = self._frames.read(
+                entries[present], exclusive_flags=self._need_all_flags(entries[present])
+            )
         # The frames were read after the pagemap: if the process died in between, they may
         # have been freed and reused, so the counts would describe someone else's memory.
         self._read_pagemap_range(self.ranges[0].first_vpn, 1)
@@ -369,7 +462,7 @@ def sample_process(
 ) -> SharingStats:
     """The sharing metric of a process's memory (sampled, or every page with ``full``)."""
     with Context.open_process(pid, all_mappings=all_mappings) as ctx:
-        return compute_stats(ctx.scan(seed=seed) if full else ctx.sample(samples, seed))
+        return ctx.measure(samples, seed, full=full)
 
 
 def sample_guest_ram(
@@ -384,7 +477,7 @@ def sample_guest_ram(
     """The sharing metric of a VM's guest RAM: ``length`` bytes at host-virtual ``start`` in
     its QEMU process ``pid`` (the backend supplies the range, e.g. from ``gpa2hva``)."""
     with Context.open_range(pid, start, length) as ctx:
-        return compute_stats(ctx.scan(seed=seed) if full else ctx.sample(samples, seed))
+        return ctx.measure(samples, seed, full=full)
 
 
 def sample_guest_ranges(
@@ -395,6 +488,9 @@ def sample_guest_ranges(
     seed: int | None = None,
     full: bool = False,
 ) -> SharingStats:
-    """Like :func:`sample_guest_ram` for guest RAM in several host-virtual pieces."""
+    """Like :func:`sample_guest_ram` for guest RAM in several host-virtual pieces.
+
+    These functions open and close the context per call; a control loop that samples every
+    tick keeps a :class:`Context` open instead (``Context.open_range(...).measure(K)``)."""
     with Context.open_ranges(pid, ranges) as ctx:
-        return compute_stats(ctx.scan(seed=seed) if full else ctx.sample(samples, seed))
+        return ctx.measure(samples, seed, full=full)
