@@ -3,6 +3,7 @@ override, swap-file refusal."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -99,3 +100,18 @@ def test_swap_file_refused_when_the_disk_is_too_small(tmp_path: Path) -> None:
     assert swapfile.allocated_bytes(path) >= 4 * MiB
     with pytest.raises(BackendError, match="already exists"):
         swapfile.create(path, 4 * MiB)
+
+
+def test_swap_file_removed_when_fallocate_runs_out_of_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real refusal (a small tmpfs) is in tests/e2e/test_qemu_lifecycle.py; here the disk
+    # fills between the free-space check and the allocation.
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(swapfile.os, "posix_fallocate", no_space)
+    path = tmp_path / "memory.img"
+    with pytest.raises(AdmissionError, match="disk cannot hold"):
+        swapfile.create(path, 4 * MiB)
+    assert not path.exists()
