@@ -246,13 +246,17 @@ def test_exclusive_pages_have_one_mapping_as_kpagecount_says(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("mode", "args"), [("private", ()), ("cow", (0, 3, 50)), ("ksm", (7,))])
-def test_skipping_flags_of_exclusive_pages_changes_no_result(
+@pytest.mark.parametrize(
+    ("mode", "args"),
+    [("private", ()), ("cow", (0, 3, 50)), ("fork", (2,)), ("zero", ()), ("ksm", (7,))],
+)
+def test_reading_only_the_flags_the_metric_needs_changes_no_result(
     spawn: Callable[..., Helper], mode: str, args: tuple[int, ...]
 ) -> None:
-    """Exclusive pages of a process that KSM cannot touch are not asked for their kpageflags;
-    a mergeable process (mode "ksm": MADV_MERGEABLE) still has every flag read."""
+    """In a process KSM cannot touch only frames with count 0 (the zero page's) have their
+    kpageflags read; a mergeable process (mode "ksm": MADV_MERGEABLE) has every flag read."""
     h = spawn(mode, 16, *args)
+    used = np.uint64((1 << KPF_KSM) | (1 << KPF_ZERO_PAGE) | (1 << KPF_ANON))
     with Context.open_range(h.pid, h.addr, h.size) as ctx:
         for full in (False, True):
             lean = ctx.sample(1000, seed=3) if not full else ctx.scan()
@@ -261,12 +265,13 @@ def test_skipping_flags_of_exclusive_pages_changes_no_result(
             ctx.all_flags = False
             assert compute_stats(lean).to_json() == compute_stats(every).to_json()
             assert np.array_equal(lean.counts, every.counts)
-            exclusive = (lean.entries & np.uint64(PAGEMAP_EXCLUSIVE)) != 0
-            assert exclusive.any() and (every.flags[exclusive] != 0).all()
-            read = lean.flags[exclusive] != 0
-            assert read.all() if mode == "ksm" else not read.any()
-            used = np.uint64((1 << KPF_KSM) | (1 << KPF_ZERO_PAGE) | (1 << KPF_ANON))
-            assert np.array_equal(lean.flags[~exclusive] & used, every.flags[~exclusive] & used)
+            assert (every.flags != 0).all()  # every frame has a flag: ANON, or ZERO_PAGE
+            read = lean.flags != 0
+            assert read.all() if mode == "ksm" else np.array_equal(read, lean.counts == 0)
+            assert np.array_equal(lean.flags[read] & used, every.flags[read] & used)
+            zero = (every.flags & np.uint64(1 << KPF_ZERO_PAGE)) != 0
+            assert (every.counts[zero] == 0).all()  # what skipping the flags relies on
+            assert zero.all() if mode == "zero" else not zero.any()
 
 
 @pytest.mark.timeout(60)

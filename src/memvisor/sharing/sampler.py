@@ -42,7 +42,6 @@ from memvisor.sharing.procfs import (
     parse_maps,
     pfns_of,
     read_entries,
-    read_entries_of_files,
     read_range,
     select_mappings,
 )
@@ -145,29 +144,30 @@ class FrameFiles:
             ) from None
 
     def read(
-        self, entries: U64Array, max_gap: int = FRAME_MAX_GAP, *, exclusive_flags: bool = True
+        self, entries: U64Array, max_gap: int = FRAME_MAX_GAP, *, all_flags: bool = True
     ) -> tuple[U64Array, U64Array]:
         """(kpagecount, kpageflags) of the frames behind present pagemap ``entries``.
 
         Pages pagemap marks exclusively mapped have count 1 without asking kpagecount: that
         saves a third of the syscalls on private memory, where samples are too sparse to
-        coalesce. Without ``exclusive_flags`` their flags are not read either (left 0): the
-        caller knows they cannot be KSM pages, and an exclusive page is never the zero page
-        (the kernel does not count the zero page's mappings), so the metric needs no flag."""
+        coalesce. Without ``all_flags`` (the caller knows no page can be a KSM page) flags are
+        read only for frames with count 0, the only ones that can be the zero page (the
+        kernel never counts the zero page's mappings, so it is never exclusive either): the
+        metric needs no other flag. The others are left 0."""
         pfns = pfns_of(entries)
         single = (entries & np.uint64(PAGEMAP_EXCLUSIVE)) != 0
         counts = np.ones(entries.size, dtype=np.uint64)
-        flags = np.zeros(entries.size, dtype=np.uint64)
         shared = ~single
         # Frames past the end of the kpage files (device memory) have no struct page: they
         # read as count 0, flags 0, and so count as not reclaimable, like the kernel's PSS.
-        if exclusive_flags:
-            counts[shared] = read_entries(self.count_fd, pfns[shared], max_gap, zero_past_end=True)
+        counts[shared] = read_entries(self.count_fd, pfns[shared], max_gap, zero_past_end=True)
+        if all_flags:
             flags = read_entries(self.flags_fd, pfns, max_gap, zero_past_end=True)
         else:
-            fds = [self.count_fd, self.flags_fd]
-            counts[shared], flags[shared] = read_entries_of_files(
-                fds, pfns[shared], max_gap, zero_past_end=True
+            flags = np.zeros(entries.size, dtype=np.uint64)
+            uncounted = counts == 0
+            flags[uncounted] = read_entries(
+                self.flags_fd, pfns[uncounted], max_gap, zero_past_end=True
             )
         return counts, flags
 
@@ -200,7 +200,7 @@ class Context:
         self.pid = pid
         self.ranges = tuple(ranges)
         self.label = label
-        # Read every frame's flags, even where the metric needs none (see FrameFiles.read).
+        # Read every frame's flags, even those the metric needs not (see FrameFiles.read).
         self.all_flags = False
         self._fd = pagemap_fd
         self._ksm_fd = ksm_stat_fd
@@ -338,16 +338,14 @@ class Context:
             warnings=warnings,
         )
 
-    def _need_all_flags(self, present: U64Array) -> bool:
-        """Whether exclusive pages need their kpageflags read: only to tell a KSM page with
-        one mapping left from a private one, and KSM pages live only in mergeable areas
-        (MADV_UNMERGEABLE and prctl unmerge them first; fork copies the mergeable flag).
+    def _ksm_possible(self) -> bool:
+        """Whether a page may be a KSM page, whose flags then must be read (a KSM page with
+        one mapping left is exclusive, count 1). KSM pages live only in mergeable areas:
+        MADV_UNMERGEABLE and prctl unmerge them first, and fork copies the mergeable flag.
 
-        Asked right before the frame reads, like the kpageflags read it stands for."""
+        Asked right before the frame reads, like the kpageflags reads it stands for."""
         if self.all_flags or self._ksm_fd == KSM_UNKNOWN:
             return True
-        if not (present & np.uint64(PAGEMAP_EXCLUSIVE)).any():
-            return False  # no exclusive page: every flag is read anyway
         if self._ksm_fd == KSM_ABSENT:
             return False
         try:
@@ -397,15 +395,14 @@ class Context:
         present = (entries & np.uint64(PAGEMAP_PRESENT)) != 0
         if self._frames is None:
             self._frames = FrameFiles()
+        all_flags = self._ksm_possible()
         if present.all():
-            counts, flags = self._frames.read(
-                entries, exclusive_flags=self._need_all_flags(entries)
-            )
+            counts, flags = self._frames.read(entries, all_flags=all_flags)
         else:
             counts = np.zeros(entries.size, dtype=np.uint64)
             flags = np.zeros(entries.size, dtype=np.uint64)
             counts[present], flags[present] = self._frames.read(
-                entries[present], exclusive_flags=self._need_all_flags(entries[present])
+                entries[present], all_flags=all_flags
             )
         # The frames were read after the pagemap: if the process died in between, they may
         # have been freed and reused, so the counts would describe someone else's memory.
