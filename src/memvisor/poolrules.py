@@ -239,7 +239,7 @@ class AdmissionPlan:
             f"borrows {size_text(s.passed_up)} from its parent"
             for s in chain
         ]
-        raise AdmissionError("; ".join([self.operation, *via, reason]).replace("; ", ": ", 1))
+        raise AdmissionError(f"{self.operation}: " + "; ".join([*via, reason]))
 
 
 def check_bool(value: object, what: str) -> bool:
