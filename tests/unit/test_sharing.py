@@ -34,6 +34,7 @@ from memvisor.sharing.procfs import (
     PAGEMAP_PRESENT,
     EndOfFile,
     coalesce_runs,
+    parse_spans,
     read_entries,
     read_entries_of_files,
     worth_coalescing,
@@ -96,6 +97,13 @@ def test_all_mappings_leaves_out_only_what_pagemap_cannot_read() -> None:
 def test_parse_maps_rejects_malformed_lines(line: str) -> None:
     with pytest.raises(BackendError, match="line 1"):
         parse_maps(line, source="/proc/1/maps")
+    with pytest.raises(BackendError, match="line 1"):
+        parse_spans(line, source="/proc/1/maps")
+
+
+def test_spans_are_the_ranges_of_the_full_parse() -> None:
+    for text in (MAPS, MAPS + "\n", Path("/proc/self/maps").read_text()):
+        assert parse_spans(text) == [(e.start, e.end) for e in parse_maps(text)]
 
 
 # --- coalesced reads ------------------------------------------------------------------------

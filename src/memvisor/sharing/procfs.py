@@ -127,6 +127,24 @@ def parse_maps(text: str, *, source: str = "maps") -> list[MapsEntry]:
     return entries
 
 
+def parse_spans(text: str, *, source: str = "maps") -> list[tuple[int, int]]:
+    """Only the address ranges ``(start, end)`` of ``/proc/PID/maps``, checked like
+    :func:`parse_maps` checks them (a tenth of its cost: no regex, no objects)."""
+    spans: list[tuple[int, int]] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        low, dash, high = line.partition(" ")[0].partition("-")
+        if not low and not line.strip():
+            continue
+        try:
+            start, end = int(low, 16), int(high, 16)
+        except ValueError:
+            raise BackendError(f"{source}: line {lineno} is not a mapping: {line!r}") from None
+        if not dash or end <= start or start % PAGE_SIZE or end % PAGE_SIZE:
+            raise BackendError(f"{source}: line {lineno} has a bad range: {line!r}")
+        spans.append((start, end))
+    return spans
+
+
 def select_mappings(entries: list[MapsEntry], *, all_mappings: bool = False) -> list[MapsEntry]:
     """The mappings a process context samples.
 
