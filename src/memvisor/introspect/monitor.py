@@ -174,6 +174,7 @@ class Monitor:
     timers: list[Timer] = field(default_factory=list)
     hits: list[Hit] = field(default_factory=list)
     keep_hits: int = 10000
+    skip_nops: bool = True  # False: always single-step (slower; for comparison in bench/)
     _by_address: dict[int, Registration] = field(default_factory=dict)
     _extra: dict[int, Callable[[StopReply, Registers], bool]] = field(default_factory=dict)
     _seq: int = 0
@@ -268,28 +269,35 @@ class Monitor:
         duration: float | None = None,
         until: Callable[[], bool] | None = None,
         on_hit: Callable[[Hit], None] | None = None,
+        poll: float = 0.2,
     ) -> None:
-        """Let the guest run, handling stops, until ``duration`` passes or ``until()`` is true.
-
-        Returns with the VM stopped (the caller closes the client, which resumes it)."""
+        """Let the guest run, handling stops, until ``duration`` passes or ``until()`` is true
+        (checked after every stop and every ``poll`` s while the guest runs, without stopping
+        it). Returns with the VM stopped (closing the client resumes it)."""
         end = None if duration is None else self.clock() + duration
         for t in self.timers:
             t.due = self.clock() + t.interval
-        while not (until is not None and until()):
-            now = self.clock()
-            if end is not None and now >= end:
+
+        def finished(now: float) -> bool:
+            return (until is not None and until()) or (end is not None and now >= end)
+
+        while not finished(self.clock()):
+            if not self.client.running:  # the caller may hand over a running VM
+                self._resume_due(self.clock())
+                self.client.resume()
+            while True:
+                now = self.clock()
+                deadline = self._next_deadline()
+                if finished(now) or (deadline is not None and now >= deadline):
+                    self._handle_stop(self.client.interrupt(), on_hit, interrupted=True)
+                    break
+                wake = min(w for w in (end, deadline, now + poll) if w is not None)
+                try:
+                    stop = self.client.wait_stop(max(0.0, wake - now))
+                except TimeoutError:
+                    continue
+                self._handle_stop(stop, on_hit, interrupted=False)
                 break
-            self._resume_due(now)
-            self.client.resume()
-            wake = [w for w in (end, self._next_deadline()) if w is not None]
-            timeout = max(0.0, min(wake) - now) if wake else 3600.0
-            try:
-                stop = self.client.wait_stop(timeout)
-            except TimeoutError:
-                stop = self.client.interrupt()
-                self._handle_stop(stop, on_hit, interrupted=True)
-                continue
-            self._handle_stop(stop, on_hit, interrupted=False)
         if self.client.running:
             self.client.interrupt()
 
@@ -388,7 +396,7 @@ class Monitor:
         rip = regs["rip"]
         if insn is None:
             insn = decode(self.client.read_memory(rip, 16), rip)
-        if insn.is_nop:
+        if insn.is_nop and self.skip_nops:
             self.client.write_register("rip", rip + insn.size, deferred=True)
             return
         stop = self.client.step(thread)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import IO
 
 from memvisor.errors import IntrospectionError
 
@@ -370,6 +372,8 @@ class GdbClient:
         self.target_xml = ""
         self._deferred: list[bytes] = []
         self.binary_writes = True
+        trace = os.environ.get("MEMVISOR_RSP_TRACE")  # debugging: log every byte exchanged
+        self._trace_file: IO[str] | None = open(trace, "a") if trace else None  # noqa: SIM115
         self.running = False
         self.closed = False
         self.breakpoints: set[tuple[int, int, int]] = set()
@@ -393,8 +397,14 @@ class GdbClient:
         return client
 
     # -- transport --
+    def _trace(self, direction: str, data: bytes) -> None:
+        if self._trace_file is not None:
+            self._trace_file.write(f"{time.monotonic():.6f} {direction} {data[:200]!r}\n")
+            self._trace_file.flush()
+
     def _flush(self) -> None:
         data = self._conn.data_to_send()
+        self._trace(">", data)
         if data:
             try:
                 self._sock.sendall(data)
@@ -412,6 +422,7 @@ class GdbClient:
             raise TimeoutError("gdbstub: no reply in time") from None
         except OSError as exc:
             raise IntrospectionError(f"gdbstub: receive failed: {exc}") from exc
+        self._trace("<", data)
         if not data:
             raise IntrospectionError("gdbstub: the peer closed the connection")
         for event in self._conn.receive(data):
@@ -661,6 +672,8 @@ class GdbClient:
                 self.wait_packet(timeout=2.0)
         finally:
             self._sock.close()
+            if self._trace_file is not None:
+                self._trace_file.close()
 
     def __enter__(self) -> GdbClient:
         return self

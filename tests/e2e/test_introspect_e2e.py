@@ -1,0 +1,226 @@
+"""Hidden monitoring (C5) and forced execution (C6) against a real QEMU guest (TCG).
+
+One guest (KASLR on) serves the monitoring, hiding, forced-call and CLI tests; a second,
+short-lived guest checks symbol resolution with ``nokaslr``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from memvisor.backends.qemu.launcher import GuestShell, VMProcess
+from memvisor.cli import main as cli_main
+from memvisor.guestimage import GuestImage, find_kernel_tree
+from memvisor.introspect import symbols
+from memvisor.introspect.inject import Injector
+from memvisor.introspect.monitor import Monitor, argument_filter, detect_accelerator
+from memvisor.introspect.rsp import GdbClient
+
+pytestmark = pytest.mark.e2e
+
+SYSCALLS = b"""
+import os, sys
+count, base = int(sys.argv[1]), int(sys.argv[2])
+for i in range(count):
+    try:
+        os.getpriority(os.PRIO_PROCESS, base + i)  # no such PID: ESRCH, still one syscall
+    except ProcessLookupError:
+        pass
+print("calls done", count)
+"""
+
+# Reads kernel memory the way the guest sees it: /proc/kallsyms for the address, /proc/kcore
+# (an ELF core of the kernel's address space) for the bytes.
+PEEK = b"""
+import struct, sys
+name, length = sys.argv[1], int(sys.argv[2])
+addr = next(int(l.split()[0], 16) for l in open("/proc/kallsyms") if l.split()[2] == name)
+with open("/proc/kcore", "rb") as f:
+    head = f.read(64)
+    phoff, = struct.unpack_from("<Q", head, 32)
+    phentsize, phnum = struct.unpack_from("<HH", head, 54)
+    f.seek(phoff)
+    table = f.read(phentsize * phnum)
+    for i in range(phnum):
+        ptype, _fl, off, vaddr, _pa, filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+        if ptype == 1 and vaddr <= addr < vaddr + filesz:
+            f.seek(off + addr - vaddr)
+            print(hex(addr), f.read(length).hex())
+            break
+"""
+
+
+@pytest.fixture(scope="module")
+def image(image_factory: Callable[..., GuestImage]) -> GuestImage:
+    return image_factory(extra_files={"/opt/test/syscalls.py": SYSCALLS, "/opt/test/peek.py": PEEK})
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="module")
+def kernel_symbols(state_dir: Path) -> symbols.KernelSymbols:
+    return symbols.load_symbols(find_kernel_tree().vmlinuz, state_dir / "cache")
+
+
+@pytest.fixture(scope="module")
+def vm(vm_factory: Callable[..., VMProcess], image: GuestImage) -> VMProcess:
+    return vm_factory("introspect", image=image)
+
+
+@pytest.fixture(scope="module")
+def gsh(vm: VMProcess) -> Iterator[GuestShell]:
+    """One shell connection for the module: guest programs run as background jobs in the
+    guest, so no host thread has to wait on the guest while the VM is being monitored."""
+    with GuestShell(vm.paths.shell) as sh:
+        yield sh
+
+
+@pytest.fixture
+def monitor(vm: VMProcess, kernel_symbols: symbols.KernelSymbols) -> Iterator[Monitor]:
+    client = GdbClient.connect_unix(str(vm.paths.gdb), timeout=10.0)
+    try:
+        symbols.find_kaslr_slide(client, kernel_symbols)
+        yield Monitor(client, kernel_symbols, accel=detect_accelerator(client))
+    finally:
+        client.close()  # detaches: breakpoints removed, VM resumed
+
+
+def start_job(gsh: GuestShell, name: str, command: str) -> None:
+    gsh.run(f"rm -f /tmp/{name}.out; ( {command} ) > /tmp/{name}.out 2>&1 &", check=True)
+
+
+def job_output(gsh: GuestShell, name: str, monitor: Monitor | None = None) -> str:
+    """The job's output so far (the VM must run: resumed here if a monitor holds it)."""
+    if monitor is not None and not monitor.client.running:
+        monitor.client.resume()
+    try:
+        return gsh.run(f"cat /tmp/{name}.out", timeout=60).output
+    finally:
+        if monitor is not None:
+            monitor.client.interrupt()
+
+
+def wait_job(gsh: GuestShell, name: str, expect: str, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while expect not in (out := job_output(gsh, name)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_monitor_counts_every_syscall_with_its_arguments(gsh: GuestShell, monitor: Monitor) -> None:
+    assert monitor.symbols.slide != 0  # KASLR on, found and validated on linux_banner
+    calls, base = 12, 424200
+    reg = monitor.watch_symbol("__x64_sys_getpriority", max_rate=1000)
+    monitor.client.resume()
+    start_job(gsh, "count", f"python3 /opt/test/syscalls.py {calls} {base}")
+    monitor.run(duration=120, until=lambda: reg.hits >= calls)
+    monitor.run(duration=3)  # nothing more may come
+    assert f"calls done {calls}" in job_output(gsh, "count", monitor)
+    assert reg.hits == calls
+    hits = [h for h in monitor.hits if h.registration == reg.name]
+    assert [h.syscall_arguments[:2] for h in hits if h.syscall_arguments] == [
+        (0, base + i) for i in range(calls)
+    ]
+    assert all(h.location == "__x64_sys_getpriority" and h.vcpu == 1 for h in hits)
+    assert all(h.registers["cs"] & 3 == 0 for h in hits)  # kernel mode
+
+
+@pytest.mark.timeout(240)
+def test_filter_and_rate_limit_keep_the_guest_running(gsh: GuestShell, monitor: Monitor) -> None:
+    base = 777000
+    reg = monitor.watch_symbol(
+        "__x64_sys_getpriority",
+        hit_filter=argument_filter(1, base + 3, syscall=True),
+        max_rate=1000,
+    )
+    monitor.client.resume()
+    start_job(gsh, "filter", f"python3 /opt/test/syscalls.py 10 {base}")
+    monitor.run(duration=120, until=lambda: reg.hits + reg.filtered_out >= 10)
+    assert (reg.hits, reg.filtered_out) == (1, 9)
+    monitor.unwatch(reg)
+    # a hot loop against a low limit: suspended, and the guest program still finishes
+    hot = monitor.watch_symbol("__x64_sys_getpriority", max_rate=5)
+    monitor.client.resume()
+    start_job(gsh, "hot", "python3 /opt/test/syscalls.py 3000 1")
+    monitor.run(duration=15)
+    assert "calls done 3000" in job_output(gsh, "hot", monitor)
+    assert hot.suspensions >= 1 and 5 <= hot.hits < 3000
+
+
+@pytest.mark.timeout(180)
+def test_monitored_code_reads_unchanged_from_the_guest(gsh: GuestShell, monitor: Monitor) -> None:
+    name = "__x64_sys_getpriority"
+    addr = monitor.symbols.address(name)
+    before = monitor.client.read_memory(addr, 16)
+    monitor.watch_symbol(name)
+    monitor.client.resume()  # breakpoint armed, guest running
+    seen = gsh.run(f"python3 /opt/test/peek.py {name} 16", timeout=60).output.split()
+    monitor.client.interrupt()
+    assert seen[0] == hex(addr)  # the guest's own kallsyms agrees with our symbol + slide
+    assert bytes.fromhex(seen[1]) == before
+    assert before[0] != 0xCC
+    assert monitor.client.read_memory(addr, 16) == before
+
+
+@pytest.mark.timeout(180)
+def test_forced_call_returns_the_kernel_value_twice(
+    vm: VMProcess, gsh: GuestShell, monitor: Monitor
+) -> None:
+    files_stat = monitor.symbols.address("files_stat")
+    in_memory = int.from_bytes(monitor.client.read_memory(files_stat + 16, 8), "little")
+    injector = Injector(monitor)
+    first = injector.call_now(injector.function("get_max_files"))
+    second = injector.call_now(injector.function("get_max_files"))
+    assert first.value == second.value == in_memory
+    scratch = monitor.symbols.address("startup_64")
+    original = monitor.client.read_memory(scratch, 64)
+    added = injector.call_now(injector.snippet("add", bytes.fromhex("4889f84801f0c3"), 40, 2))
+    assert added.value == 42
+    assert monitor.client.read_memory(scratch, 64) == original  # snippet bytes restored
+    monitor.client.close()  # detach: QEMU resumes the VM
+    assert vm.qmp().cmd("query-status")["status"] == "running"
+    out = gsh.run("cat /proc/sys/fs/file-max; echo healthy", timeout=60).output.split()
+    assert out == [str(in_memory), "healthy"]
+
+
+@pytest.mark.timeout(180)
+def test_cli_inject_and_monitor(
+    vm: VMProcess,
+    gsh: GuestShell,
+    state_dir: Path,
+    kernel_symbols: symbols.KernelSymbols,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    common = ["--gdb-socket", str(vm.paths.gdb), "--kernel", str(find_kernel_tree().vmlinuz)]
+    state = ["--state", str(state_dir)]  # symbols already cached there
+    assert cli_main([*state, "inject", "vm", *common, "--call", "get_max_files", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["value"] == int(gsh.run("cat /proc/sys/fs/file-max").output)
+    start_job(gsh, "cli", "sleep 4; python3 /opt/test/syscalls.py 3 5150")
+    rc = cli_main(
+        [*state, "monitor", "vm", *common, "--symbol", "__x64_sys_getpriority", "--count", "3",
+         "--duration", "120", "--json"]
+    )  # fmt: skip
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "calls done 3" in wait_job(gsh, "cli", "calls done")
+    assert rc == 0 and lines[-1]["summary"]["hits"] == 3
+    assert [h["syscall_arguments"][1] for h in lines[:-1]] == ["0x141e", "0x141f", "0x1420"]
+
+
+@pytest.mark.timeout(240)
+def test_symbols_without_kaslr(
+    vm_factory: Callable[..., VMProcess], image: GuestImage, kernel_symbols: symbols.KernelSymbols
+) -> None:
+    plain = vm_factory("nokaslr", image=image, extra_cmdline="nokaslr")
+    with GdbClient.connect_unix(str(plain.paths.gdb)) as client:
+        assert symbols.find_kaslr_slide(client, kernel_symbols) == 0
+    plain.stop()
