@@ -173,3 +173,14 @@ def test_trace_replay_counts_each_vms_accesses(tmp_path: Path) -> None:
 def test_trace_errors_name_the_line(tmp_path: Path, row: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_scenario(trace_scenario(tmp_path, [row]))
+
+
+def test_scenario_pools_reach_the_scheduler() -> None:
+    from memvisor.sim import policy_for
+
+    sc = load_scenario(Path(__file__).parents[2] / "examples/scenarios/overcommit-16.toml")
+    assert {p.name for p in sc.pools} == {"prod", "batch"}
+    policy = policy_for(sc)
+    pools = {p.name: p for p in policy.settings.pools}  # type: ignore[attr-defined]
+    assert pools["prod"].reservation == 2 * 1024 * MiB and pools["batch"].shares == 163840
+    assert {v.pool for v in sc.vms} == {"prod", "batch"}
