@@ -36,7 +36,6 @@ from memvisor.sharing.procfs import (
     coalesce_runs,
     parse_spans,
     read_entries,
-    read_entries_of_files,
     worth_coalescing,
 )
 
@@ -162,8 +161,6 @@ def test_read_entries_from_a_real_file(tmp_path: Path) -> None:
             assert worth_coalescing(want, gap) is coalesced
             got = read_entries(fd, want, max_gap=gap)
             assert np.array_equal(got, values[want.astype(np.int64)])
-            both = read_entries_of_files([fd, fd], want, max_gap=gap)
-            assert all(np.array_equal(g, got) for g in both)
         past = np.array([5, 9_999, 10_000, 20_000], dtype=np.uint64)
         with pytest.raises(EndOfFile):
             read_entries(fd, past, max_gap=0)

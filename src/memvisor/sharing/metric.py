@@ -50,7 +50,8 @@ class PageSample:
     vpns: U64Array  # virtual page numbers of the kept pages
     entries: U64Array  # their pagemap entries
     counts: U64Array  # kpagecount of their frames (0 for swapped pages)
-    flags: U64Array  # kpageflags of their frames (0 for swapped pages)
+    flags: U64Array  # kpageflags of their frames (0 for swapped pages, and where the
+    # metric needs no flag, which the sampler then does not read: see FrameFiles.read)
     pid: int | None = None
     full_scan: bool = False
     seed: int | None = None

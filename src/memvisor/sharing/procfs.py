@@ -219,38 +219,26 @@ def read_entries(
 ) -> U64Array:
     """The u64 entries at ``indices`` (any order, repeats allowed) of a /proc entry file.
 
-    Past the end of the file: :class:`EndOfFile`, or zeros with ``zero_past_end`` (the kpage
-    files end at the last frame with a struct page; device memory beyond has none to count).
-    """
-    return read_entries_of_files([fd], indices, max_gap, zero_past_end=zero_past_end)[0]
-
-
-def read_entries_of_files(
-    fds: list[int], indices: U64Array, max_gap: int, *, zero_past_end: bool = False
-) -> list[U64Array]:
-    """:func:`read_entries` of the same indices in several files (kpagecount and kpageflags are
-    indexed alike), planning the reads once.
-
     Coalescing needs the indices sorted and the runs planned, which costs about as much per
     index as the ``pread`` it saves; a sparse sample (K = 1,000 pages of 1 GiB are ~260 pages
     apart, and the frames behind 4 KiB pages are scattered over the host) saves almost no
-    read, so it is read an entry at a time, in the order given, with no bookkeeping at all."""
+    read, so it is read an entry at a time, in the order given, with no bookkeeping at all.
+
+    Past the end of the file: :class:`EndOfFile`, or zeros with ``zero_past_end`` (the kpage
+    files end at the last frame with a struct page; device memory beyond has none to count).
+    """
     idx = np.asarray(indices, dtype=np.uint64)
     if not worth_coalescing(idx, max_gap):
         offsets = (idx * np.uint64(ENTRY_BYTES)).tolist()
-        return [_read_at(fd, offsets, None, zero_past_end) for fd in fds]
+        return _read_at(fd, offsets, None, zero_past_end)
     inverse = None
     if not bool((idx[1:] > idx[:-1]).all()):
         idx, inverse = np.unique(idx, return_inverse=True)
-        inverse = inverse.reshape(-1)
     runs = coalesce_runs(idx, max_gap)
     offsets = (runs.starts * np.uint64(ENTRY_BYTES)).tolist()
     sizes = (runs.lengths * np.uint64(ENTRY_BYTES)).tolist()
-    results: list[U64Array] = []
-    for fd in fds:
-        got = _read_at(fd, offsets, sizes, zero_past_end)[runs.positions]
-        results.append(got if inverse is None else got[inverse])
-    return results
+    result: U64Array = _read_at(fd, offsets, sizes, zero_past_end)[runs.positions]
+    return result if inverse is None else result[inverse.reshape(-1)]
 
 
 def worth_coalescing(indices: U64Array, max_gap: int) -> bool:
