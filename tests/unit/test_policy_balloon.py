@@ -63,12 +63,19 @@ def test_backs_off_and_holds_when_guest_pages_out_reserved_pages() -> None:
     c = BalloonController(BIG)
     spec, obs = vm("a", balloon=400 * MiB, reserved_rate=100.0)
     step = c.step(obs, spec, 600 * MiB, 0.0)
-    assert step.target == 300 * MiB and step.limited and "reserved pages" in step.note
+    # multiplicative decrease: half the balloon goes back
+    assert step.target == 200 * MiB and step.limited and "reserved pages" in step.note
     calm = dataclasses.replace(obs, reserved_paged_out_rate=0.0, balloon_target=step.target)
     held = c.step(calm, spec, 600 * MiB, 10.0)
-    assert held.target == 300 * MiB and held.limited and "holding" in held.note
-    later = c.step(calm, spec, 600 * MiB, 31.0)
-    assert later.target > 300 * MiB
+    assert held.target == 200 * MiB and held.limited and "holding" in held.note
+    later = c.step(calm, spec, 600 * MiB, 16.0)
+    assert later.target > 200 * MiB
+
+
+def test_back_off_gives_back_at_least_twice_what_the_guest_pages() -> None:
+    spec, obs = vm("a", balloon=400 * MiB, reserved_rate=100_000.0)  # 390 MiB/s
+    step = BalloonController(BIG).step(obs, spec, 600 * MiB, 0.0)
+    assert step.target == 0
 
 
 def test_guest_paging_also_backs_off() -> None:

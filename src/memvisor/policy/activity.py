@@ -71,5 +71,12 @@ class ActivityEstimator:
         avg = self._avg.get(vm)
         return self.settings.unknown if avg is None else max(avg.fast, avg.slow)
 
+    def recent(self, vm: str) -> float:
+        """The fast average alone: how active the VM is right now (for questions such as
+        "will a page reclaimed now be touched again soon?"; the idle tax uses
+        :meth:`estimate`, which forgets activity slowly)."""
+        avg = self._avg.get(vm)
+        return self.settings.unknown if avg is None else avg.fast
+
     def forget(self, vm: str) -> None:
         self._avg.pop(vm, None)

@@ -47,7 +47,7 @@ class BalloonSettings:
     guest_free_floor_min: int = 4 * MiB
     reserved_pageout_limit: float = 32.0  # reserved pages paged out by the guest, pages/s
     guest_paging_limit: float = 1024.0  # guest swap-out beyond what inflation explains, pages/s
-    backoff: float = 0.25  # fraction of the balloon released when a limit is exceeded
+    backoff: float = 0.5  # fraction of the balloon released when a limit is exceeded
     hold: float = 15.0  # seconds without inflating after a back-off
     nominal_tick: float = 1.0  # seconds assumed before the second observation
 
@@ -172,7 +172,9 @@ class BalloonController:
         cap = max(spec.memory - spec.reservation, 0)
         if squeezed:
             st.hold_until = now + s.hold
-            return self._back_off(free, cur, floor, dt, f"{squeezed}: back off")
+            # the guest's paging rate is how fast it lacks memory: give back at least twice that
+            lack = int(2 * max(vm.guest_swapped_out_rate, vm.reserved_paged_out_rate) * PAGE_SIZE)
+            return self._back_off(free, cur, floor, dt, f"{squeezed}: back off", lack)
         if free is not None and free < floor:
             return self._back_off(
                 free, cur, floor, dt, f"guest free {_mib(free)} < floor {_mib(floor)}"
@@ -183,9 +185,11 @@ class BalloonController:
         idle = idle_memory(vm, spec, 1.0 if act is None else act)
         return self._track(free, idle, st, cur, desired, floor, dt, now)
 
-    def _back_off(self, free: int | None, cur: int, floor: int, dt: float, why: str) -> BalloonStep:
+    def _back_off(
+        self, free: int | None, cur: int, floor: int, dt: float, why: str, lack: int = 0
+    ) -> BalloonStep:
         s = self.settings
-        release = max(int(s.backoff * cur), s.dead_band)
+        release = max(int(s.backoff * cur), s.dead_band, int(lack * max(dt, s.nominal_tick)))
         if free is not None:
             release = max(release, floor - free)
         release = min(release, int(s.max_deflate_rate * dt), cur)

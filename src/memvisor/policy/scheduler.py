@@ -3,14 +3,15 @@
 Every call to :meth:`MemvisorScheduler.plan`:
 
 1. updates each running VM's active-memory estimate and the host's free-memory state;
-2. computes entitlements: ``capacity = total x (1 - high)`` divided by shares with the idle
-   memory tax down the pool tree, each VM bounded by its reservation and by the smaller of its
-   limit and its demand (what it holds or lent to the balloon or swap, plus some headroom);
+2. computes entitlements: ``capacity = total x (1 - free_target)`` (default: the ``high``
+   threshold, 6%, which reclamation aims to restore) divided by shares with the idle memory
+   tax down the pool tree, each VM bounded by its reservation and by the smaller of its limit
+   and its demand (what it holds or lent to the balloon or swap, plus some headroom);
 3. by state:
 
-   - HIGH: no reclamation. Free memory above the ``high`` threshold is given back: balloons
+   - HIGH: no reclamation. Free memory above the free target is given back: balloons
      deflate (VMs below entitlement first) and swap limits are lifted.
-   - SOFT: bring free memory back to ``high`` by ballooning VMs above their entitlement, the
+   - SOFT: bring free memory back to the target by ballooning VMs above their entitlement, the
      VM that frees the most host memory per reclaimed page first (C1), among those where a
      reclaimed page has a net yield (sharing x idleness) of at least ``soft_min_net_yield``:
      squeezing a busy VM's working set to keep a free-memory margin costs more than it saves.
@@ -66,6 +67,7 @@ class SchedulerSettings:
     balloon: BalloonSettings = field(default_factory=BalloonSettings)
     activity: ActivitySettings = field(default_factory=ActivitySettings)
     pools: tuple[PoolInfo, ...] = ()
+    free_target: float | None = None  # None: the high threshold
     demand_headroom: float = 0.05  # of memory, added to what a VM holds to get its demand
     swap_rate: int = 128 * MiB  # bytes per second per VM in HARD
     dead_band: int = 4 * MiB
@@ -75,6 +77,8 @@ class SchedulerSettings:
 
     def __post_init__(self) -> None:
         idle_cost_factor(self.tax)  # validates the tax
+        if self.free_target is not None and not 0.0 <= self.free_target < 1.0:
+            raise InputError(f"free_target must be in [0, 1), got {self.free_target}")
         if self.demand_headroom < 0 or self.swap_rate < 0 or self.dead_band < 0:
             raise InputError("demand_headroom, swap_rate and dead_band must not be negative")
 
@@ -106,6 +110,13 @@ class MemvisorScheduler:
         self._last_time: float | None = None
         self._consumed: dict[str, tuple[int, int]] = {}  # consumed, swapped
         self.last_allocation: Allocation | None = None
+
+    @property
+    def free_target(self) -> float:
+        """Fraction of host memory reclamation aims to keep free (default: the ``high``
+        threshold, the top of the SOFT band, so reclamation does not flip the state)."""
+        t = self.settings.free_target
+        return self.settings.thresholds.high if t is None else t
 
     # --- the plan ----------------------------------------------------------------------------
 
@@ -142,7 +153,7 @@ class MemvisorScheduler:
         return growth
 
     def entitlements(self, snapshot: Snapshot, vms: Sequence[VM]) -> Allocation:
-        capacity = int(snapshot.host.total * (1.0 - self.settings.thresholds.high))
+        capacity = int(snapshot.host.total * (1.0 - self.free_target))
         tree = build_tree(vms, self.settings.pools, self._claim)
         return allocate(tree, capacity, self.settings.tax)
 
@@ -159,14 +170,14 @@ class MemvisorScheduler:
         )
 
     def _step(self, obs: VMObservation, spec: VMSpec, desired: int, now: float) -> BalloonStep:
-        return self.balloon.step(obs, spec, desired, now, self.activity.estimate(spec.name))
+        return self.balloon.step(obs, spec, desired, now, self.activity.recent(spec.name))
 
     # --- HIGH: give memory back --------------------------------------------------------------
 
     def _give_back(self, t: _Tick, vms: Sequence[VM]) -> None:
         host = t.snap.host
         pending = sum(max(o.ballooned - o.balloon_target, 0) for _, o in vms)
-        surplus = host.free - int(self.settings.thresholds.high * host.total) - pending
+        surplus = host.free - int(self.free_target * host.total) - pending
         # below-entitlement VMs first, the most deserving (highest ratio) first among them
         ranked = sorted(
             vms,
@@ -190,7 +201,7 @@ class MemvisorScheduler:
             for _, o in vms
             if o.name in self.swap_limit
         )
-        need = int(self.settings.thresholds.high * host.total) - host.free - in_flight
+        need = int(self.free_target * host.total) - host.free - in_flight
         victims = order(self._candidates(t, vms))
         if t.state is HostState.SOFT:  # not an emergency: only where reclaiming pays
             victims = [c for c in victims if c.net_yield >= self.settings.soft_min_net_yield]
@@ -218,7 +229,7 @@ class MemvisorScheduler:
             ):
                 y, stat = expected_yield(obs)
                 ratio = t.alloc.ratio[spec.name]
-                active = self.activity.estimate(spec.name)
+                active = self.activity.recent(spec.name)  # is a page reclaimed now needed soon?
                 out.append(Candidate(spec.name, excess, y, stat, ratio, active))
         return out
 
