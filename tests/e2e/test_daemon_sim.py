@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,18 @@ def test_set_reservation_live_through_admission(tmp_path: Path) -> None:
         assert r.returncode == 2 and "more than its memory" in r.stderr
         events = memvisor(state, "events", "--vm", "web2").stdout
         assert "reservation 0 B -> 512 MiB" in events
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "memvisor", "--state", str(state), "events", "--follow",
+             "--json", "--limit", "0"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(5)  # the follower starts and skips what is already recorded
+        assert memvisor(state, "vm", "set-reservation", "web1", "128MiB").returncode == 0
+        assert follower.stdout is not None
+        followed = json.loads(follower.stdout.readline())  # the new event, as it happened
+        assert followed["kind"] == "vm.reservation" and followed["vm"] == "web1"
+        follower.terminate()
+        follower.wait(10)
         assert d.stop() == 0
     r = memvisor(state, "vm", "set-reservation", "web2", "1MiB")
     assert r.returncode == 5 and "no memvisor daemon is running" in r.stderr

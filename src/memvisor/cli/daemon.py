@@ -184,10 +184,12 @@ def _print_event(e: dict[str, Any], as_json: bool) -> None:
 
 def cmd_events(args: argparse.Namespace) -> int:
     store = _open_record(resolve_state_dir(args.state, create=False))
-    last = 0
-    for e in store.recent_events(args.limit, args.vm):
+    if args.limit < 0:
+        raise InputError(f"--limit {args.limit}: must be 0 or more")
+    recent = store.recent_events(max(args.limit, 1), args.vm)
+    last = recent[-1]["id"] if recent else 0  # --follow prints only what comes after
+    for e in recent[len(recent) - args.limit :] if args.limit else []:
         _print_event(e, args.json)
-        last = e["id"]
     if not args.follow:
         return 0
     try:
