@@ -44,7 +44,7 @@ class BalloonSettings:
     max_deflate_rate: int = 256 * MiB
     dead_band: int = 4 * MiB
     guest_free_floor: float = 0.005  # of the guest's memory (below the guest's own watermark)
-    guest_free_floor_min: int = 4 * MiB
+    guest_free_floor_min: int = 1 * MiB
     reserved_pageout_limit: float = 32.0  # reserved pages paged out by the guest, pages/s
     guest_paging_limit: float = 1024.0  # guest swap-out beyond what inflation explains, pages/s
     backoff: float = 0.5  # fraction of the balloon released when a limit is exceeded
@@ -86,16 +86,17 @@ class _VMState:
 def guest_squeezed(vm: VMObservation, s: BalloonSettings, caused: float = 0.0) -> str:
     """Why the guest is outside its target paging conditions ('' when it is inside).
 
-    ``caused`` is the guest paging (pages/s) our own last inflation explains: a guest that
-    makes room for the balloon by paging out cold pages is doing what we asked; paging beyond
-    that, or paging out the reserved pages themselves, is pressure."""
+    ``caused`` is the inflation (pages/s) we asked for at the previous step: a guest that
+    makes room for the balloon by paging out cold pages is doing what we asked, and may page
+    out up to twice that (it also refills its own free-memory watermark); paging beyond that,
+    or paging out the reserved pages themselves, is pressure."""
     why = []
     if vm.reserved_paged_out_rate > s.reserved_pageout_limit:
         why.append(
             f"guest pages out reserved pages at {vm.reserved_paged_out_rate:.0f}/s"
             f" > {s.reserved_pageout_limit:.0f}/s"
         )
-    if vm.guest_swapped_out_rate - caused > s.guest_paging_limit:
+    if vm.guest_swapped_out_rate - 2 * caused > s.guest_paging_limit:
         why.append(
             f"guest swaps out {vm.guest_swapped_out_rate:.0f} pages/s"
             f" > {s.guest_paging_limit:.0f}/s"
