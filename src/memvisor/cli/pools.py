@@ -64,13 +64,19 @@ def _register_pool(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     for action, func in (("add", cmd_pool_add), ("set", cmd_pool_set)):
         p = psub.add_parser(action, help=f"{action} a pool")
         p.add_argument("name", metavar="NAME")
-        p.add_argument("--parent", metavar="P", help="parent pool (default root)")
+        p.add_argument("--parent", metavar="P", help="parent pool (add: default root; set: move)")
         p.add_argument("--reservation", metavar="S", help="size, e.g. 2GiB")
-        p.add_argument("--limit", metavar="S|unlimited")
-        p.add_argument("--shares", metavar="N|low|normal|high")
+        p.add_argument("--limit", metavar="S|unlimited", help="reservation + borrowed cap")
+        p.add_argument("--shares", metavar="N|low|normal|high", help="163840/327680/655360")
         mode = p.add_mutually_exclusive_group()
-        mode.add_argument("--expandable", dest="expandable", action="store_true", default=None)
-        mode.add_argument("--fixed", dest="expandable", action="store_false")
+        mode.add_argument(
+            "--expandable",
+            dest="expandable",
+            action="store_true",
+            default=None,
+            help="may borrow from its parent (the default)",
+        )
+        mode.add_argument("--fixed", dest="expandable", action="store_false", help="never borrows")
         _json_flag(p)
         p.set_defaults(func=func)
     for action, func, text in (
@@ -89,11 +95,11 @@ def _register_vm(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     for action, func in (("add", cmd_vm_add), ("set", cmd_vm_set)):
         p = vsub.add_parser(action, help=f"{action} a VM")
         p.add_argument("name", metavar="NAME")
-        p.add_argument("--pool", metavar="P", help="its pool (default root)")
+        p.add_argument("--pool", metavar="P", help="its pool (add: default root; set: move)")
         p.add_argument("--memory", metavar="S", help="configured memory, e.g. 2GiB")
         p.add_argument("--reservation", metavar="S")
         p.add_argument("--limit", metavar="S|unlimited", help="default: the memory")
-        p.add_argument("--shares", metavar="N|low|normal|high")
+        p.add_argument("--shares", metavar="N|low|normal|high", help="5/10/20 x MiB of memory")
         _json_flag(p)
         p.set_defaults(func=func)
     for action, func, text in (
