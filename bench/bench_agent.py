@@ -213,25 +213,35 @@ def measure(b: Bench, rounds: int) -> str:
 def report(
     rows: dict[str, list[tuple[float, int]]], delays: list[tuple[float, float, float]], n: int
 ) -> str:
+    def rates(key: str) -> list[float]:
+        return [SIZE / MiB / t for t, _ in rows[key]]
+
     def rate(key: str) -> str:
-        return f"{median([SIZE / MiB / t for t, _ in rows[key]]):.0f}"
+        return f"{median(rates(key)):.0f} ({', '.join(f'{r:.0f}' for r in rates(key))})"
 
     def freed(key: str) -> str:
         return f"{median([f / MiB for _, f in rows[key]]):.0f}"
+
+    def ratio(a: str, b: str) -> str:
+        return f"{median([x / y for x, y in zip(rates(a), rates(b), strict=True)]):.2f}"
 
     lines = [
         "# Reservation program (agent) vs virtio-balloon",
         "",
         f"Same guest: 512 MiB, file backing (ext4, 2 MiB page-cache folios), QEMU TCG, zram "
-        f"swap; {SIZE // MiB} MiB per step, medians of {n} rounds; host memory freed = drop in "
-        "the backing file's residency (mincore), measured.",
+        f"swap; {SIZE // MiB} MiB per step, alternating agent and balloon in each round; "
+        f"medians of {n} rounds (each round's figure in brackets). Host memory freed = drop in "
+        "the backing file's residency (mincore), measured; negative: the host's memory grew. "
+        "The host's two cores are shared with other work, so absolute rates vary several-fold "
+        "between runs; the per-round ratio compares the two under the same load.",
         "",
-        "| operation | agent MiB/s | virtio-balloon MiB/s | host MiB freed: agent | balloon |",
-        "|---|---:|---:|---:|---:|",
-        f"| inflate {SIZE // MiB} MiB | {rate('ai')} | {rate('bi')} | {freed('ai')} | "
-        f"{freed('bi')} |",
-        f"| deflate {SIZE // MiB} MiB | {rate('ad')} | {rate('bd')} | {freed('ad')} | "
-        f"{freed('bd')} |",
+        "| operation | agent MiB/s | virtio-balloon MiB/s | agent / balloon (median of "
+        "rounds) | host MiB freed: agent | balloon |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| inflate {SIZE // MiB} MiB | {rate('ai')} | {rate('bi')} | {ratio('ai', 'bi')} | "
+        f"{freed('ai')} | {freed('bi')} |",
+        f"| deflate {SIZE // MiB} MiB | {rate('ad')} | {rate('bd')} | {ratio('ad', 'bd')} | "
+        f"{freed('ad')} | {freed('bd')} |",
         "",
         "Page-out detection delay (guest under a workload 96 MiB bigger than its free memory): "
         "for the agent, from the first swapped page of the agent process (Swap in its "
