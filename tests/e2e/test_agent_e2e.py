@@ -8,6 +8,7 @@ never from QEMU's RSS.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import resource
 import threading
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from memvisor.agent.backing import FileBacking, RamLayout
+from memvisor.agent.backing import AnonKsmBacking, FileBacking, RamLayout
 from memvisor.agent.host import (
     AgentSession,
     AgentState,
@@ -56,7 +57,7 @@ class QmpBalloon:
 @dataclass
 class AgentVM:
     vm: VMProcess
-    backing: FileBacking
+    backing: FileBacking | AnonKsmBacking
     session: AgentSession
     link: AgentLink
     driver: ReservationDriver
@@ -84,6 +85,7 @@ class AgentVM:
         return int(out.split()[1]) * 1024
 
     def resident(self) -> int:
+        assert isinstance(self.backing, FileBacking)
         return self.backing.resident_total() * PAGE
 
 
@@ -254,3 +256,67 @@ def test_a_hostile_agent_does_no_harm_and_is_reported(agent_vm: AgentVM) -> None
             break
         time.sleep(0.2)
     assert actual <= MEMORY - 60 * MiB  # virtio-balloon took over the reservation
+
+
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+@contextlib.contextmanager
+def ksm_scanning() -> Iterator[None]:
+    """KSM on at a brisk rate for the test; the previous settings are put back after."""
+    names = ("run", "pages_to_scan", "sleep_millisecs")
+    saved = {n: (KSM / n).read_text().strip() for n in names}
+    try:
+        for name, value in (("pages_to_scan", "5000"), ("sleep_millisecs", "10"), ("run", "1")):
+            (KSM / name).write_text(value)
+        yield
+    finally:
+        for name in ("pages_to_scan", "sleep_millisecs", "run"):
+            (KSM / name).write_text(saved[name])
+
+
+@pytest.mark.timeout(400)
+def test_anon_backing_reservation_is_reclaimed_by_ksm(
+    vm_factory: Callable[..., VMProcess],
+) -> None:
+    """Anonymous guest RAM: nothing is punched; the reserved pages are zero and KSM merges
+    them. Host memory is QEMU's own pages of guest RAM (pagemap + kpageflags, KSM and zero
+    pages excluded), measured over the whole RAM."""
+    require_root()
+    vm = vm_factory("agentanon", memory=MEMORY, backing=Backing.ANON)
+    hva = int(vm.qmp().hmp("gpa2hva 0").split()[-1], 16)
+    layout = RamLayout.pc(MEMORY)
+    backing = AnonKsmBacking(vm.pid, hva, layout)
+    session = AgentSession("agentanon", layout, backing, RealClock())
+    link = AgentLink(session, str(vm.paths.agent), lost_retry_s=600.0)
+    link.start()
+    a = AgentVM(vm, backing, session, link, ReservationDriver(session, QmpBalloon(vm)))
+    whole_ram = [(r.first_pfn, r.pages) for r in layout.regions]
+    try:
+        a.wait(lambda: session.state is AgentState.READY and session.synced, 120, "hello")
+        with GuestShell(vm.paths.shell) as sh, ksm_scanning():
+            # Fill most free guest memory with data KSM cannot merge, then free it: the
+            # reservation's frames then hold garbage until the agent zero-fills them.
+            prog = "import os; b = os.urandom(300 << 20)"
+            sh.run(f'python3 -S -c "{prog}"', timeout=180, check=True)
+            time.sleep(2)
+            own0 = backing.resident_pages(whole_ram) * PAGE
+            a.set_target(RESERVE)
+            a.wait(a.settled(RESERVE // PAGE), 120, "inflate")
+            took = a.wait(
+                lambda: backing.resident_pages(session.held_ranges()) < RESERVE // PAGE // 20,
+                180,
+                "KSM merges the reserved zero pages",
+            )
+            own1 = backing.resident_pages(whole_ram) * PAGE
+            print(
+                f"anon: KSM reclaimed the reservation {took:.1f} s after inflating; QEMU's own "
+                f"guest RAM pages {own0 / MiB:.0f} -> {own1 / MiB:.0f} MiB"
+            )
+            assert own0 - own1 >= 0.8 * RESERVE
+            assert session.report().mechanism == "ksm-zero-merge"
+            a.set_target(0)
+            a.wait(a.settled(0), 120, "deflate")
+    finally:
+        link.stop()
+        backing.close()
