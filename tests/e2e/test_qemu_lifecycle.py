@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from memvisor.backends.qemu.host import QemuHost
-from memvisor.backends.qemu.launcher import pid_alive
+from memvisor.backends.qemu.launcher import LaunchSpec, VMProcess, pid_alive
 from memvisor.errors import AdmissionError
 from memvisor.guestimage import build_image
 from memvisor.model import Backing, PowerState, VMSpec
@@ -81,11 +81,18 @@ def test_kill9_of_the_manager_then_reattach_and_crash_cleanup(
         assert obs.power is PowerState.ON and obs.consumed > 16 * MiB
         assert vm.process.qmp().cmd("query-status")["status"] == "running"
         assert host.orphans() == []
-        # a second, unrecorded QEMU with our sockets would be an orphan; a stale dir is one
-        stale = state / "vms" / "ghost"
-        stale.mkdir(parents=True)
-        (stale / "memory.img").write_bytes(b"")
-        assert [o.kind for o in host.orphans()] == ["files"]
+        # a QEMU with sockets in our state dir but no record, and a stale dir, are orphans
+        paused = LaunchSpec("stray", 64 * MiB, Backing.ANON, extra_args=("-S",))  # CPU stopped
+        stray = VMProcess.start(paused, state / "vms" / "stray", build_image())
+        try:
+            stale = state / "vms" / "ghost"
+            stale.mkdir(parents=True)
+            (stale / "memory.img").write_bytes(b"")
+            found = {(o.kind, o.pid) for o in host.orphans()}
+            assert found == {("process", stray.pid), ("files", None)}
+            assert any(e.startswith("orphan process") for e in QemuHost(state).events)
+        finally:
+            stray.stop()
         # QEMU crashes: noticed, swap file removed, record says crashed
         os.kill(qemu_pid, signal.SIGKILL)
         deadline = time.monotonic() + 10

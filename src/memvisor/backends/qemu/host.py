@@ -103,6 +103,9 @@ class QemuHost:
         # ``host.observers.append(lambda o: replace(o, **observation_fields(report_of(o.name))))``
         self.observers: list[Callable[[VMObservation], VMObservation]] = []
         self._attach()
+        for orphan in self.orphans():  # found and reported at start
+            self.events.append(f"orphan {orphan.kind} {orphan.path} pid={orphan.pid}: "
+                               f"{orphan.detail}")  # fmt: skip
 
     # --- lifecycle ---------------------------------------------------------------------------
 

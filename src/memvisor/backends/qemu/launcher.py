@@ -226,6 +226,11 @@ class QMP:
         with contextlib.suppress(Exception):
             self._run(self._client.disconnect())
         with contextlib.suppress(Exception):
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        with contextlib.suppress(Exception):
             self._loop.close()
 
 
