@@ -197,6 +197,32 @@ def test_pfns_hidden_from_unprivileged_readers_are_detected() -> None:
 # --- metric ---------------------------------------------------------------------------------
 
 
+@given(
+    st.lists(st.integers(min_value=0, max_value=300), min_size=0, max_size=200),
+    st.integers(min_value=0, max_value=3),
+)
+def test_metric_is_the_direct_numpy_formulas_bit_for_bit(counts: list[int], swapped: int) -> None:
+    """compute_stats shares work between statistics; each must still be exactly the plain
+    numpy computation over the present pages."""
+    c = np.array(counts, dtype=np.uint64)
+    zero = c == 0
+    ksm = (c >= 2) & (np.arange(c.size) % 3 == 0)
+    flags = np.where(zero, np.uint64(1 << KPF_ZERO_PAGE), np.uint64(0))
+    flags |= np.where(ksm, np.uint64(1 << KPF_KSM), np.uint64(0))
+    s = compute_stats(PageSample.from_counts(c, flags=flags, swapped=swapped, context_pages=9999))
+    real = c[~zero].astype(np.float64)
+    reciprocal = np.zeros(c.size)
+    reciprocal[~zero] = 1.0 / real
+    assert s.present == c.size and s.swapped == swapped
+    assert s.expected_freed_per_page == (float(reciprocal.mean()) if c.size else 0.0)
+    assert s.mean_arithmetic == (float(real.mean()) if real.size else None)
+    assert s.mean_geometric == (float(np.exp(np.log(real).mean())) if real.size else None)
+    assert s.median == (float(np.median(real)) if real.size else None)
+    if c.size:
+        assert s.shared_fraction == float((zero | ksm | (c != 1)).mean())
+        assert s.ksm_fraction == float(ksm.mean()) and s.zero_fraction == float(zero.mean())
+
+
 def test_means_of_a_mixed_sample() -> None:
     s = compute_stats(PageSample.from_counts([1, 1, 2, 4]))
     assert s.present == 4 and s.counted == 4

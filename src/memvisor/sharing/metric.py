@@ -29,7 +29,6 @@ from memvisor.sharing.procfs import (
     PAGEMAP_PRESENT,
     PAGEMAP_SWAPPED,
     U64Array,
-    flag_set,
 )
 
 Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
@@ -292,9 +291,9 @@ class _PresentPages:
     mean is computed once (this runs every tick for every context)."""
 
     counts: U64Array
-    zero: npt.NDArray[np.bool_]  # KPF_ZERO_PAGE
-    ksm: npt.NDArray[np.bool_]  # KPF_KSM
-    shared: npt.NDArray[np.bool_]  # shared or free: KSM, zero page, or count != 1
+    zero: int  # pages on the zero page (KPF_ZERO_PAGE)
+    ksm: int  # pages in KSM frames (KPF_KSM)
+    shared: int  # pages shared or free: KSM, zero page, or count != 1
     real: FloatArray  # counts of frames that have one (c >= 1, not the zero page)
     real_sorted: FloatArray  # the same, sorted (for the median; the means sum ``real``)
     logs: FloatArray  # ln of ``real``
@@ -302,19 +301,35 @@ class _PresentPages:
 
     @classmethod
     def of(cls, sample: PageSample, present: npt.NDArray[np.bool_]) -> _PresentPages:
-        counts, flags = sample.counts[present], sample.flags[present]
-        zero = flag_set(flags, KPF_ZERO_PAGE)
-        ksm = flag_set(flags, KPF_KSM)
+        counts, flags = sample.counts, sample.flags
+        if not present.all():
+            counts, flags = counts[present], flags[present]
+        zero = (flags & np.uint64(1 << KPF_ZERO_PAGE)) != 0
+        ksm = (flags & np.uint64(1 << KPF_KSM)) != 0
         has_count = (counts >= 1) & ~zero
-        real = counts[has_count].astype(np.float64)
-        reciprocal = np.zeros(counts.size, dtype=np.float64)
-        reciprocal[has_count] = 1.0 / real
-        shared = ksm | zero | (counts != 1)
-        return cls(counts, zero, ksm, shared, real, np.sort(real), np.log(real), reciprocal)
+        if has_count.all():
+            real = counts.astype(np.float64)
+            reciprocal = 1.0 / real
+        else:
+            real = counts[has_count].astype(np.float64)
+            reciprocal = np.zeros(counts.size, dtype=np.float64)
+            reciprocal[has_count] = 1.0 / real
+        shared = int(np.count_nonzero(ksm | zero | (counts != 1)))
+        return cls(
+            counts,
+            int(np.count_nonzero(zero)),
+            int(np.count_nonzero(ksm)),
+            shared,
+            real,
+            np.sort(real),
+            np.log(real),
+            reciprocal,
+        )
 
 
-def _fraction(mask: npt.NDArray[np.bool_]) -> float:
-    return float(mask.mean()) if mask.size else 0.0
+def _fraction(hits: int, n: int) -> float:
+    # Equal to the mean of the boolean mask, bit for bit: both divide exact integers once.
+    return hits / n if n else 0.0
 
 
 def _mean(values: FloatArray) -> float | None:
@@ -336,9 +351,9 @@ def _intervals(
         mean_geometric=None if logs is None else Interval(math.exp(logs.low), math.exp(logs.high)),
         mean_harmonic=_reciprocal_interval(freed),
         median=median_interval(pages.real_sorted, fpc),
-        shared_fraction=proportion_interval(int(pages.shared.sum()), n, fpc),
-        ksm_fraction=proportion_interval(int(pages.ksm.sum()), n, fpc),
-        zero_fraction=proportion_interval(int(pages.zero.sum()), n, fpc),
+        shared_fraction=proportion_interval(pages.shared, n, fpc),
+        ksm_fraction=proportion_interval(pages.ksm, n, fpc),
+        zero_fraction=proportion_interval(pages.zero, n, fpc),
         expected_freed_per_page=freed,
     )
 
@@ -358,7 +373,7 @@ def compute_stats(sample: PageSample) -> SharingStats:
         context_pages=sample.context_pages,
         sampled=sample.sampled,
         present=present,
-        swapped=int(sample.swapped_mask.sum()),
+        swapped=int(np.count_nonzero(sample.swapped_mask)),
         absent=sample.sampled - int(sample.entries.size),
         counted=int(real.size),
         mean_arithmetic=mean_real,
@@ -366,9 +381,9 @@ def compute_stats(sample: PageSample) -> SharingStats:
         mean_harmonic=1.0 / freed if freed > 0 else math.inf,
         median=median_of_sorted(pages.real_sorted) if real.size else None,
         expected_freed_per_page=freed,
-        shared_fraction=_fraction(pages.shared),
-        ksm_fraction=_fraction(pages.ksm),
-        zero_fraction=_fraction(pages.zero),
+        shared_fraction=_fraction(pages.shared, present),
+        ksm_fraction=_fraction(pages.ksm, present),
+        zero_fraction=_fraction(pages.zero, present),
         resident_pages=present * scale,
         own_pages=float(pages.reciprocal.sum()) * scale,
         full_scan=sample.full_scan,

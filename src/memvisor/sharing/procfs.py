@@ -296,8 +296,3 @@ def read_range(fd: int, first_index: int, count: int) -> U64Array:
 def pfns_of(entries: U64Array) -> U64Array:
     result: U64Array = entries & np.uint64(PAGEMAP_PFN_MASK)
     return result
-
-
-def flag_set(flags: U64Array, bit: int) -> npt.NDArray[np.bool_]:
-    result: npt.NDArray[np.bool_] = (flags >> np.uint64(bit)) & np.uint64(1) == np.uint64(1)
-    return result

@@ -1,9 +1,11 @@
 """Sampling the pages of a context: a process's mappings, or a VM's guest RAM in its QEMU process.
 
 A :class:`Context` is an opened address space (its ``/proc/PID/pagemap``) and the page ranges to
-sample. :meth:`Context.sample` draws K distinct pages uniformly (seeded numpy generator),
-reads their pagemap entries, then the kpagecount and kpageflags of the present frames, every
-file with sorted, coalesced reads. :meth:`Context.scan` reads every page.
+sample; a control loop keeps it open across ticks with the kpage files. :meth:`Context.sample`
+draws K distinct pages uniformly (seeded numpy generator), reads their pagemap entries, then
+the kpagecount and kpageflags entries the metric needs for the present frames, coalescing
+nearby reads where that pays. :meth:`Context.scan` reads every page; :meth:`Context.measure`
+returns the metric.
 
 Never a wrong number: a process that exits while being sampled (pagemap reads return nothing)
 raises :class:`ContextGoneError`, checked again after the frame reads; PFNs that read as 0
