@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from memvisor.model import VMObservation
+from memvisor.sharing.ranking import rank_for_reclamation
 
 MIN_YIELD = 0.01  # a VM whose pages free almost nothing still counts as freeing a little
 
@@ -60,8 +61,10 @@ def expected_yield(vm: VMObservation) -> tuple[float, str]:
     """(expected host memory freed per reclaimed page, the statistic that says so)."""
     s = vm.sharing
     if s is not None and s.present > 0:
-        y = min(max(s.expected_freed_per_page, 0.0), 1.0)
-        return y, f"1/harmonic mean of sharing counts over {s.present} sampled pages"
+        entry = rank_for_reclamation({vm.name: s})[0]  # C1's ranking names the statistic
+        y = min(max(entry.expected_freed_per_page, 0.0), 1.0)
+        value = "undefined" if entry.value is None else f"{entry.value:.2f}"
+        return y, f"{entry.stat.value} mean {value} over {s.present} sampled pages"
     if vm.consumed > 0:
         shared = min(max(vm.shared, 0), vm.consumed) / vm.consumed
         return 1.0 - shared / 2, f"estimated from {shared:.0%} shared bytes, no sample"
