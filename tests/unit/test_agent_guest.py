@@ -268,6 +268,11 @@ def test_real_agent_process_reserves_survives_reconnect_and_releases(tmp_path: P
     try:
         link = _RelayLink(session, conn, relay)
         _pump_until(link, lambda: session.state is AgentState.READY)
+        # It keeps itself responsive under memory pressure: higher priority, own pages locked.
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == -10
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        locked = int(status.split("VmLck:")[1].split()[0])
+        assert locked > 1000  # kB: the interpreter's touched pages
         session.set_target(64 * 1024 * 1024)
         _pump_until(link, lambda: session.agent_held == 16384)
         held = session.held_ranges()
@@ -280,6 +285,8 @@ def test_real_agent_process_reserves_survives_reconnect_and_releases(tmp_path: P
         link = _RelayLink(session, conn, relay)
         _pump_until(link, lambda: session.state is AgentState.READY and session.synced)
         assert session.held_ranges() == held and session.violations == 0
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        assert int(status.split("VmLck:")[1].split()[0]) < locked + 8192  # reservation unlocked
         session.set_target(0)
         _pump_until(link, lambda: session.agent_held == 0)
         assert session.held_ranges() == [] and _rss_anon_huge(proc.pid) < 8 * 1024 * 1024
