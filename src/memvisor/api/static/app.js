@@ -41,10 +41,9 @@ function renderHost(history) {
   if (!history.length) return;
   const now = history[history.length - 1];
   const xs = r => r.wall;
+  // free memory against the state thresholds (the y axis fits them, not the whole host)
   hostChart.setSeries([
     { name: "free", color: "#2f7ed8", points: history.map(r => [xs(r), r.free]) },
-    { name: "used by VMs", color: "#e4572e",
-      points: history.map(r => [xs(r), r.total - r.free]) },
   ]);
   const th = (state.info && state.info.thresholds) || {};
   const colors = { high: "#2e8b57", soft: "#d4a017", hard: "#e06c00", low: "#c0392b" };
@@ -54,7 +53,7 @@ function renderHost(history) {
   st.textContent = now.state || "state ?";
   st.className = "state " + (now.state || "");
   $("#host-summary").textContent =
-    `free ${formatBytes(now.free)} of ${formatBytes(now.total)} · KSM sharing ${now.ksm_pages_sharing} pages · tick ${now.id}` +
+    `free ${formatBytes(now.free)} of ${formatBytes(now.total)} (${(100 * now.free / now.total).toFixed(1)} %) · KSM sharing ${now.ksm_pages_sharing} pages · tick ${now.id}` +
     (now.duration ? ` (${(now.duration * 1000).toFixed(1)} ms)` : "");
 }
 
