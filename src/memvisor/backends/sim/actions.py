@@ -2,7 +2,8 @@
 
 Unknown VMs raise :class:`NotFoundError` and bad values :class:`InputError`; a target the VM
 cannot take (a balloon larger than memory minus reservation) is refused with a message and
-changes nothing. A resident limit below the reservation is raised to the reservation.
+changes nothing. A resident limit below the reservation is raised to the reservation; a VM
+without a swap file (``swap_file = False``: from a spec with anonymous backing) refuses one.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def set_swap_target(host: SimHost, a: SetSwapTarget) -> tuple[bool, str]:
     vm = host.vm(a.vm)
     if a.resident_limit < 0:
         raise InputError(f"{a.vm}: resident limit must not be negative, got {a.resident_limit}")
+    if not vm.cfg.swap_file:  # like the QEMU backend's anonymous backing
+        return False, f"{a.vm}: anonymous backing has no per-VM swap file; use the balloon"
     limit = max(a.resident_limit, vm.cfg.reservation)
     vm.resident_limit = None if limit >= vm.cfg.memory else limit // PAGE_SIZE
     host.swap_step(vm)
@@ -50,10 +53,11 @@ def set_swap_target(host: SimHost, a: SetSwapTarget) -> tuple[bool, str]:
 def set_ksm(host: SimHost, a: SetKsm) -> tuple[bool, str]:
     if a.run not in (0, 1, 2):
         raise InputError(f"ksm run must be 0, 1 or 2, got {a.run}")
-    if a.pages_to_scan is not None and a.pages_to_scan < 0:
-        raise InputError(f"ksm pages_to_scan must not be negative, got {a.pages_to_scan}")
-    if a.sleep_millisecs is not None and a.sleep_millisecs < 1:
-        raise InputError(f"ksm sleep_millisecs must be >= 1, got {a.sleep_millisecs}")
+    # the QEMU backend's ranges (docs/backends.md); the scanner treats 0 ms as 1 ms
+    if a.pages_to_scan is not None and not 1 <= a.pages_to_scan <= 1_000_000:
+        raise InputError(f"ksm pages_to_scan must be 1..1000000, got {a.pages_to_scan}")
+    if a.sleep_millisecs is not None and not 0 <= a.sleep_millisecs <= 60_000:
+        raise InputError(f"ksm sleep_millisecs must be 0..60000, got {a.sleep_millisecs}")
     host.ksm_run = a.run
     if a.pages_to_scan is not None:
         host.ksm_pages_to_scan = a.pages_to_scan

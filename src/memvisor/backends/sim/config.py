@@ -96,6 +96,8 @@ class SimVMConfig:
     shares: int = 0
     pool: str = "root"
     merge: bool = True  # guest RAM may be merged by the sharing scanner (QEMU mem-merge)
+    # False: no per-VM swap file, as QEMU's anonymous backing; SetSwapTarget is refused
+    swap_file: bool = True
     scan_rate: float | None = None  # at most this many pages/s scanned (None: host's share)
     guest: GuestConfig = field(default_factory=GuestConfig)
 

@@ -152,6 +152,7 @@ class SimHost:
                 shares=s.shares,
                 pool=s.pool,
                 merge=s.backing is Backing.ANON,
+                swap_file=s.backing is Backing.FILE,
                 guest=g,
             )
             for s in specs
