@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,6 +47,24 @@ power_on = true
 [vms.spare]
 memory = "512MiB"
 """
+
+
+def require_qemu_and_root() -> None:
+    """Skip, saying why, unless QEMU, the guest kernel and root are all here."""
+    import pytest
+
+    from memvisor.backends.qemu.launcher import QEMU_BINARY
+    from memvisor.errors import InputError
+    from memvisor.guestimage import find_kernel_tree
+
+    if shutil.which(QEMU_BINARY) is None:
+        pytest.skip(f"needs QEMU: {QEMU_BINARY} not installed (scripts/setup.sh)")
+    try:
+        find_kernel_tree()
+    except InputError as exc:
+        pytest.skip(f"needs the guest kernel: {exc}")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: host memory interfaces (/proc/PID/pagemap, KSM, cgroups)")
 
 
 def free_port() -> int:

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_qemu, require_root
-from daemon_run import RunningDaemon, memvisor
+from daemon_run import RunningDaemon, memvisor, require_qemu_and_root
 
 from memvisor.backends.qemu.launcher import QMP, VMPaths, pid_runs_vm
 from memvisor.backends.qemu.vmrecord import load_all, vm_dir
@@ -62,8 +61,7 @@ def pids(state: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
-    require_qemu()
-    require_root()
+    require_qemu_and_root()
     d = tmp_path_factory.mktemp("daemon-qemu")
     (d / "host.toml").write_text(HOST)
     state = d / "state"

@@ -7,8 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import require_qemu, require_root
-from daemon_run import free_port, memvisor
+from daemon_run import free_port, memvisor, require_qemu_and_root
 
 
 def summary(report: Path) -> dict[str, str]:
@@ -34,8 +33,7 @@ def test_demo_on_the_simulator(tmp_path: Path) -> None:
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_demo_with_three_real_guests(tmp_path: Path) -> None:
-    require_qemu()
-    require_root()
+    require_qemu_and_root()
     report = tmp_path / "demo.html"
     r = memvisor(tmp_path / "state", "demo", "--duration", "40", "--report", str(report),
                  "--listen", f"127.0.0.1:{free_port()}", timeout=800)  # fmt: skip
