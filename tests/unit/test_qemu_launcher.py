@@ -34,7 +34,7 @@ def test_file_backing_command_line() -> None:
     assert _arg_after(cmd, "-gdb", "unix") == "unix:/vm/gdb.sock,server=on,wait=off"
     assert "init_on_alloc=0" in _arg_after(cmd, "-append", "console")
     assert f"name={AGENT_PORT_NAME}" in " ".join(cmd) and f"name={SHELL_PORT_NAME}" in " ".join(cmd)
-    assert "-no-reboot" in cmd and _arg_after(cmd, "-accel", "") == "tcg"
+    assert "-no-reboot" in cmd and _arg_after(cmd, "-accel", "") == "tcg,tb-size=128"
 
 
 def test_anon_backing_is_mergeable_ram() -> None:

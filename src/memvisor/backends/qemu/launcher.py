@@ -140,7 +140,7 @@ def qemu_command(spec: LaunchSpec, image: GuestImage, paths: VMPaths) -> list[st
         QEMU_BINARY,
         "-name", f"memvisor-{spec.name},debug-threads=on",
         "-machine", "pc,memory-backend=mem0",
-        "-accel", spec.accel,
+        "-accel", _accel_option(spec.accel),
         "-m", size,
         "-object", backend,
         "-smp", str(spec.vcpus),
@@ -162,6 +162,15 @@ def qemu_command(spec: LaunchSpec, image: GuestImage, paths: VMPaths) -> list[st
         "-pidfile", str(paths.pidfile),
         *spec.extra_args,
     ]  # fmt: skip
+
+
+# TCG's translation cache defaults to 1 GiB in QEMU 7.2 and is touched as it fills; bounded so
+# QEMU's own memory stays within the cgroup's overhead allowance (cgroup.QEMU_OVERHEAD).
+TCG_TB_SIZE_MIB = 128
+
+
+def _accel_option(accel: str) -> str:
+    return f"tcg,tb-size={TCG_TB_SIZE_MIB}" if accel == "tcg" else accel
 
 
 def pid_alive(pid: int) -> bool:
