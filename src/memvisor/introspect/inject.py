@@ -31,7 +31,7 @@ from typing import Any
 
 from memvisor.errors import InputError, IntrospectionError
 from memvisor.introspect.monitor import Hit, Monitor, Registration, Timer
-from memvisor.introspect.rsp import SYSV_ARGUMENT_REGISTERS, Registers, StopReply
+from memvisor.introspect.rsp import SYSV_ARGUMENT_REGISTERS, GdbClient, Registers, StopReply
 
 FRAME_GAP = 512
 THREAD_SIZE = 16 * 1024  # x86-64 kernel stacks: 16 KiB, aligned to their size
@@ -100,7 +100,7 @@ class Injector:
     _failed: list[str] = field(default_factory=list)
 
     @property
-    def client(self) -> Any:
+    def client(self) -> GdbClient:
         return self.monitor.client
 
     def function(self, symbol: str, *arguments: int) -> ForcedCode:
@@ -127,7 +127,7 @@ class Injector:
         saved_slot = self.client.read_memory(frame, 8)
         saved_code = b""
         started = time.perf_counter()
-        self.monitor.add_stop_handler(trap, lambda _s, _r: True)
+        self._arm_trap(trap)
         try:
             if code.snippet is not None:
                 saved_code = self.client.read_memory(target, len(code.snippet))
@@ -137,7 +137,7 @@ class Injector:
             self.client.write_registers(call_regs)
             value, stepped = self._run_until_return(code, thread, trap, frame + 8)
         finally:
-            self._restore(regs, frame, saved_slot, target, saved_code, trap)
+            self._restore(regs, frame, saved_slot, target, saved_code)
         result = CallResult(
             code.name, value, thread, trigger, time.perf_counter() - started, stepped
         )
@@ -184,21 +184,32 @@ class Injector:
         saved_slot: bytes,
         target: int,
         saved_code: bytes,
-        trap: int,
     ) -> None:
         problems = []
-        for action in (
+        steps: list[Callable[[], None]] = [
             lambda: self.client.write_registers(regs),
             lambda: self.client.write_memory(frame, saved_slot),
-            lambda: saved_code and self.client.write_memory(target, saved_code),
-            lambda: self.monitor.remove_stop_handler(trap),
-        ):
+        ]
+        if saved_code:
+            steps.append(lambda: self.client.write_memory(target, saved_code))
+        for action in steps:
             try:
                 action()
             except (IntrospectionError, TimeoutError) as exc:
                 problems.append(str(exc))
         if problems:
             raise IntrospectionError("restoring after a forced call failed: " + "; ".join(problems))
+
+    def _arm_trap(self, trap: int) -> None:
+        """The return trap stays armed between calls: its code never runs after boot, and
+        every breakpoint insert or removal makes QEMU drop translated code (slow)."""
+        if trap not in self.monitor._extra:
+            self.monitor.add_stop_handler(trap, lambda _stop, _regs: False)
+
+    def close(self) -> None:
+        """Remove the return trap (closing the client also removes every breakpoint)."""
+        with contextlib.suppress(IntrospectionError, TimeoutError):
+            self.monitor.remove_stop_handler(self.monitor.symbols.address(self.scratch_symbol))
 
     # ---- triggers ----
     def call_now(self, code: ForcedCode, *, wait: float = 30.0) -> CallResult:

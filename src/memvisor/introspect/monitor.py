@@ -178,6 +178,8 @@ class Monitor:
     _by_address: dict[int, Registration] = field(default_factory=dict)
     _extra: dict[int, Callable[[StopReply, Registers], bool]] = field(default_factory=dict)
     _seq: int = 0
+    stop_seconds: list[float] = field(default_factory=list)  # stop reply -> resume, per stop
+    _stopped_at: float | None = None
 
     # ---- registration ----
     def watch_symbol(self, name: str, **options: Any) -> Registration:
@@ -285,6 +287,10 @@ class Monitor:
             if not self.client.running:  # the caller may hand over a running VM
                 self._resume_due(self.clock())
                 self.client.resume()
+                if self._stopped_at is not None:  # host time the guest spent stopped
+                    self.stop_seconds.append(time.perf_counter() - self._stopped_at)
+                    del self.stop_seconds[: -self.keep_hits]
+                    self._stopped_at = None
             while True:
                 now = self.clock()
                 deadline = self._next_deadline()
@@ -296,6 +302,7 @@ class Monitor:
                     stop = self.client.wait_stop(max(0.0, wake - now))
                 except TimeoutError:
                     continue
+                self._stopped_at = time.perf_counter()
                 self._handle_stop(stop, on_hit, interrupted=False)
                 break
         if self.client.running:

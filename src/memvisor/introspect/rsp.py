@@ -5,10 +5,12 @@ The framing half (:class:`RspConnection`, :func:`frame`, :func:`escape`, :func:`
 tested byte for byte. :class:`GdbClient` drives it over a connected stream socket (QEMU's
 ``-gdb unix:PATH``) with timeouts.
 
-What QEMU 7.2's stub does (see FACTS.md): acks are mandatory (no ``QStartNoAckMode``),
-``PacketSize=1000``, connecting pauses the VM and disconnecting leaves it paused. Our client
-therefore always ends a session with ``D`` (detach), which removes every breakpoint and resumes
-the VM, also when the caller raised an exception.
+What QEMU 7.2's stub does (see FACTS.md): no ``QStartNoAckMode``, ``PacketSize=1000``
+(hex), connecting pauses the VM and disconnecting leaves it paused, and any byte that reaches
+it while the VM runs stops the VM, an ack included, sometimes without a stop reply. So we ack
+only while the VM is stopped (the system-mode stub never waits for acks), and we always end a
+session with ``D`` (detach), which removes every breakpoint and resumes the VM, also when the
+caller raised an exception.
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ class RspConnection:
     _buf: bytearray = field(default_factory=bytearray)
     _out: bytearray = field(default_factory=bytearray)
     _last_sent: bytes = b""
+    _acking: bool = True
 
     def send_packet(self, payload: bytes) -> None:
         self._last_sent = frame(payload)
@@ -155,9 +158,12 @@ class RspConnection:
         self._out.clear()
         return data
 
-    def receive(self, data: bytes) -> list[Event]:
+    def receive(self, data: bytes, *, ack: bool = True) -> list[Event]:
+        """Parse ``data``; ``ack=False`` withholds our ``+``/``-`` for these packets (see
+        :class:`GdbClient` for why QEMU needs that while the VM runs)."""
         self._buf += data
         events: list[Event] = []
+        self._acking = ack
         while self._buf:
             event = self._next_event()
             if event is None:
@@ -197,10 +203,10 @@ class RspConnection:
         except ValueError:
             expected = -1
         if expected != checksum(raw):
-            if self.ack_mode:
+            if self.ack_mode and self._acking:
                 self._out += b"-"
             return BadPacket(raw)
-        if self.ack_mode and head == ord("$"):
+        if self.ack_mode and self._acking and head == ord("$"):
             self._out += b"+"
         payload = rle_decode(raw)
         return Packet(payload) if head == ord("$") else Notification(payload)
@@ -425,7 +431,10 @@ class GdbClient:
         self._trace("<", data)
         if not data:
             raise IntrospectionError("gdbstub: the peer closed the connection")
-        for event in self._conn.receive(data):
+        # QEMU 7.2 stops a running VM on any byte it receives, an ack included, and does not
+        # always report that stop: so packets that arrive while the VM may run go unacked
+        # (QEMU's system-mode stub never waits for acks).
+        for event in self._conn.receive(data, ack=not self.running):
             if isinstance(event, Packet):
                 self._packets.append(event.payload)
         self._flush()
@@ -669,6 +678,7 @@ class GdbClient:
             with contextlib.suppress(TimeoutError, IntrospectionError, OSError):
                 self.pipeline([])  # deferred writes (a rip moved past a breakpoint) go first
                 self.send(b"D")
+                self.running = True  # D resumes the VM: its OK must not be acked
                 self.wait_packet(timeout=2.0)
         finally:
             self._sock.close()
