@@ -377,6 +377,7 @@ class GdbClient:
         self.packet_size = 1000
         self.target_xml = ""
         self._deferred: list[bytes] = []
+        self._unanswered: list[bytes] = []  # sent with a resume, replies not read yet
         self.binary_writes = True
         trace = os.environ.get("MEMVISOR_RSP_TRACE")  # debugging: log every byte exchanged
         self._trace_file: IO[str] | None = open(trace, "a") if trace else None  # noqa: SIM115
@@ -624,13 +625,16 @@ class GdbClient:
             payload = b"s" if step else b"c"
         else:
             payload = f"vCont;{'s' if step else 'c'}:{thread:x}".encode()
-        deferred = self._send_with_deferred(payload)
+        # The replies to deferred requests come before any stop reply; they are checked in
+        # wait_stop, so the guest is not kept waiting for them here.
+        self._unanswered += self._send_with_deferred(payload)
         self.running = True
-        for p in deferred:  # their replies come before any stop reply
-            check_error(p, self.wait_packet())
 
     def wait_stop(self, timeout: float | None = None) -> StopReply:
         """The next stop reply. On timeout the VM is still running: interrupt or wait again."""
+        while self._unanswered:
+            check_error(self._unanswered[0], self.wait_packet(timeout))
+            self._unanswered.pop(0)
         packet = self.wait_packet(timeout)
         reply = parse_stop_reply(packet)
         self.running = False
