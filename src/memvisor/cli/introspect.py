@@ -13,6 +13,7 @@ Ctrl-C or an error) detaches, which removes every breakpoint and resumes the VM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -27,22 +28,31 @@ from memvisor.introspect.symbols import KernelSymbols, find_kaslr_slide, load_sy
 from memvisor.statedir import resolve_state_dir
 
 
+def vm_directory(args: argparse.Namespace) -> Path:
+    """The VM's directory: a path given as VM, else ``<state>/vms/NAME`` (the QEMU host's
+    layout, see memvisor.backends.qemu.vmrecord)."""
+    given = Path(args.vm)
+    return given if given.is_dir() else resolve_state_dir(args.state) / "vms" / args.vm
+
+
 def gdb_socket_path(args: argparse.Namespace) -> Path:
-    """``--gdb-socket``, else the VM's directory (a path) or ``<state>/vms/NAME``."""
-    if args.gdb_socket:
-        path = Path(args.gdb_socket)
-    else:
-        given = Path(args.vm)
-        vm_dir = given if given.is_dir() else resolve_state_dir(args.state) / "vms" / args.vm
-        path = vm_dir / "gdb.sock"
+    """``--gdb-socket``, else ``gdb.sock`` in the VM's directory."""
+    path = Path(args.gdb_socket) if args.gdb_socket else vm_directory(args) / "gdb.sock"
     if not path.is_socket():
         raise InputError(f"VM {args.vm!r}: no gdbstub socket at {path} (is the VM running?)")
     return path
 
 
 def kernel_image(args: argparse.Namespace) -> Path:
+    """``--kernel``, else the kernel in the VM's record (vm.json), else the default guest
+    kernel."""
     if args.kernel:
         return Path(args.kernel)
+    record = vm_directory(args) / "vm.json"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        kernel = json.loads(record.read_text()).get("kernel")
+        if isinstance(kernel, str) and kernel and Path(kernel).is_file():
+            return Path(kernel)
     from memvisor.guestimage import find_kernel_tree
 
     return find_kernel_tree().vmlinuz
