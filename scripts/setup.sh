@@ -17,7 +17,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio zstd python3 python3-venv
-              python3.11 chromium chromium-driver ca-certificates)
+              python3.11 chromium chromium-driver ca-certificates
+              gcc libc6-dev)  # gcc: the TCG counting plugin (memvisor.introspect.tcgcount)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

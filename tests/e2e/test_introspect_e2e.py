@@ -16,7 +16,7 @@ import pytest
 from memvisor.backends.qemu.launcher import GuestShell, VMProcess
 from memvisor.cli import main as cli_main
 from memvisor.guestimage import GuestImage, find_kernel_tree
-from memvisor.introspect import symbols
+from memvisor.introspect import symbols, tcgcount
 from memvisor.introspect.inject import Injector
 from memvisor.introspect.monitor import Monitor, argument_filter, detect_accelerator
 from memvisor.introspect.rsp import GdbClient
@@ -224,3 +224,27 @@ def test_symbols_without_kaslr(
     with GdbClient.connect_unix(str(plain.paths.gdb)) as client:
         assert symbols.find_kaslr_slide(client, kernel_symbols) == 0
     plain.stop()
+
+
+@pytest.mark.timeout(240)
+def test_tcg_plugin_counts_exactly_without_stopping(
+    vm_factory: Callable[..., VMProcess],
+    image: GuestImage,
+    kernel_symbols: symbols.KernelSymbols,
+    state_dir: Path,
+) -> None:
+    plugin = tcgcount.build_plugin(state_dir / "cache")
+    counters = tcgcount.CounterFile.create(state_dir / "counters")
+    extra = tcgcount.qemu_args(plugin, counters.path)
+    counted = vm_factory("tcgcount", image=image, extra_args=extra)
+    with GdbClient.connect_unix(str(counted.paths.gdb)) as client:
+        symbols.find_kaslr_slide(client, kernel_symbols)
+        counters.watch([kernel_symbols.address("__x64_sys_getpriority")], client)
+    # detached: while the guest runs nobody is connected to the gdbstub at all
+    with GuestShell(counted.paths.shell) as sh:
+        out = sh.run("python3 /opt/test/syscalls.py 500 1", timeout=120).output
+    assert "calls done 500" in out
+    assert counters.counts() == [500]
+    assert counters.instrumented() >= 1
+    counters.close()
+    counted.stop()
