@@ -22,9 +22,9 @@ A host file declares the host, its pool tree, its VMs and the daemon's settings:
     backing = "file"                   # "file" (per-VM swap file, C4) | "anon" (KSM-mergeable)
     vcpus = 1                          # 1..64
 
-    [daemon]
-    interval = 1.0                     # control loop period, seconds (0.05..3600)
-    listen = "127.0.0.1:8765"          # HTTP API / dashboard / metrics address
+    [daemon]                           # how `memvisor up` runs the host: see
+    interval = 1.0                     # memvisor.daemonconfig for every key (policy and
+    listen = "127.0.0.1:8765"          # its settings, on_stop, retention, TLS, token file)
 
 Sizes are bytes (integers) or strings such as "512MiB" or "2G" (see :mod:`memvisor.units`).
 Unknown keys and bad values are errors; :func:`load_host_file` reports *every* problem with its
@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memvisor.daemonconfig import DAEMON_KEYS, DaemonConfig, parse_daemon_table
 from memvisor.errors import AdmissionError, ConfigError, InputError
 from memvisor.model import Backing, VMSpec
 from memvisor.pools import (
@@ -59,7 +60,6 @@ _TOP_KEYS = ("host", "pools", "vms", "daemon")
 _HOST_KEYS = ("capacity",)
 _POOL_KEYS = ("parent", "reservation", "limit", "shares", "expandable")
 _VM_KEYS = ("pool", "memory", "reservation", "limit", "shares", "power_on", "backing", "vcpus")
-_DAEMON_KEYS = ("interval", "listen")
 MAX_VCPUS = 64
 
 
@@ -100,18 +100,12 @@ class VMConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class DaemonConfig:
-    interval: float = 1.0
-    listen: str = "127.0.0.1:8765"
-
-
-@dataclass(frozen=True, slots=True)
 class HostConfig:
     source: str
     capacity: int
     pools: tuple[PoolConfig, ...]
     vms: tuple[VMConfig, ...]
-    daemon: DaemonConfig = DaemonConfig()
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,19 +190,6 @@ def _backing(value: object) -> Backing:
 def _vcpus(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VCPUS:
         raise InputError(f"expected an integer 1..{MAX_VCPUS}, got {value!r}")
-    return value
-
-
-def _interval(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.05 <= value <= 3600:
-        raise InputError(f"expected seconds between 0.05 and 3600, got {value!r}")
-    return float(value)
-
-
-def _listen(value: object) -> str:
-    host, _, port = str(value).rpartition(":")
-    if not isinstance(value, str) or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InputError(f'expected "HOST:PORT" such as "127.0.0.1:8765", got {value!r}')
     return value
 
 
@@ -302,8 +283,9 @@ def _check_cycles(r: _Reader, parents: dict[str, str]) -> None:
             r.problem(f"pools.{node}.parent", "cycle: " + " -> ".join([*cycle, node]))
 
 
-def parse_host_config(data: Mapping[str, Any], source: str) -> HostConfig:
-    """Validate parsed TOML; raises ConfigError listing every problem."""
+def parse_host_config(data: Mapping[str, Any], source: str, base: Path | None = None) -> HostConfig:
+    """Validate parsed TOML; raises ConfigError listing every problem. Relative paths in
+    ``[daemon]`` are taken relative to ``base`` (the host file's directory)."""
     r = _Reader()
     top = r.table(dict(data), "", _TOP_KEYS)
     if "host" not in top:
@@ -312,11 +294,8 @@ def parse_host_config(data: Mapping[str, Any], source: str) -> HostConfig:
     capacity = r.size(host, "host", "capacity", None) if "host" in top else 0
     pools = [_read_pool(r, n, t) for n, t in r.named_tables(top.get("pools", {}), "pools").items()]
     vms = [_read_vm(r, n, t) for n, t in r.named_tables(top.get("vms", {}), "vms").items()]
-    d = r.table(top.get("daemon", {}), "daemon", _DAEMON_KEYS)
-    daemon = DaemonConfig(
-        interval=r.choice(d, "daemon", "interval", 1.0, _interval),
-        listen=r.choice(d, "daemon", "listen", "127.0.0.1:8765", _listen),
-    )
+    d = r.table(top.get("daemon", {}), "daemon", DAEMON_KEYS)
+    daemon = parse_daemon_table(d, r.problem, base)
     _check_names_and_tree(r, pools, vms)
     if r.problems:
         raise ConfigError(source, r.problems)
@@ -334,7 +313,7 @@ def load_host_file(path: str | Path) -> HostConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [("", f"not valid TOML: {exc}")]) from None
-    return parse_host_config(data, str(path))
+    return parse_host_config(data, str(path), path.parent)
 
 
 def dry_run(cfg: HostConfig) -> DryRun:

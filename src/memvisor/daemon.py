@@ -5,7 +5,12 @@ daemon per state directory); admit every VM marked ``power_on`` through the pool
 refusal and nothing starts; start the VMs on the backend (or re-attach to the ones a previous
 daemon left running, when it died without stopping them); then the control loop on the main
 thread and the HTTP API in a thread beside it, until SIGTERM or SIGINT. On stop the VMs are
-shut down, or left running with ``--on-stop leave``; everything recorded is already committed.
+shut down, or left running with ``on_stop = "leave"``; everything recorded is already committed.
+
+Settings come from the host file's ``[daemon]`` table (:mod:`memvisor.daemonconfig`); a
+:class:`DaemonOptions` field that is not None (a command-line flag) overrides the file's value.
+A ``--policy`` other than the file's policy runs with that policy's default settings, and
+either TLS flag replaces the file's certificate and key as a pair.
 
 The pool tree lives in the state directory (:mod:`memvisor.poolstore`). The loop reads the
 VMs' reservations, limits and shares from it every tick, so a change made through the API
@@ -19,12 +24,14 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import signal
+import stat
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -34,11 +41,12 @@ from memvisor.api.auth import load_or_create_token
 from memvisor.api.server import ApiServer
 from memvisor.backends.base import RealClock
 from memvisor.config import HostConfig, dry_run, load_host_file
+from memvisor.daemonconfig import ON_STOP, PolicyConfig
 from memvisor.errors import AdmissionError, BackendError, InputError, NotFoundError
 from memvisor.hostbackends import BackendOptions, ManagedHost, make_host
 from memvisor.loop import ControlLoop, thresholds_of
 from memvisor.model import VMSpec
-from memvisor.policy import PoolInfo, get_policy
+from memvisor.policy import POLICIES, Policy, PoolInfo
 from memvisor.pools import ROOT, PoolTree
 from memvisor.poolstore import PoolStore
 from memvisor.store import Retention, Store
@@ -50,14 +58,18 @@ LOCK_FILE = "daemon.lock"
 
 @dataclass(frozen=True, slots=True)
 class DaemonOptions:
+    """Command-line overrides; None means: the host file's [daemon] value (or its default)."""
+
     backend: str = "qemu"
-    policy: str = "memvisor"
-    interval: float | None = None  # None: the host file's [daemon] interval
-    listen: str | None = None  # "HOST:PORT"; None: the host file's [daemon] listen
+    policy: str | None = None  # a name of the policy registry
+    interval: float | None = None
+    listen: str | None = None  # "HOST:PORT"
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    on_stop: str = "shutdown"  # or "leave"
-    retention: Retention = field(default_factory=Retention)
+    token_file: Path | None = None
+    on_stop: str | None = None  # "shutdown" or "leave"
+    keep_observations: float | None = None  # seconds
+    keep_records: float | None = None
     duration: float | None = None  # stop by itself after this many seconds (CI, demos)
     seed: int = 0
     accel: str | None = None
@@ -68,6 +80,37 @@ def split_listen(listen: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise InputError(f'--listen {listen!r}: expected "HOST:PORT" such as 127.0.0.1:8765')
     return host.strip("[]"), int(port)
+
+
+def load_token_file(path: Path) -> str:
+    """The API token in an operator's token file, created (mode 0600) if it does not exist."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return read_token_file(path)
+    except OSError as exc:
+        raise InputError(f"token_file {path}: cannot create it: {exc.strerror}") from None
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def read_token_file(path: Path) -> str:
+    """The token in ``path``, with the rules of ``STATE/api-token``: private, 16+ characters."""
+    try:
+        mode = path.stat().st_mode
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise InputError(f"token_file {path}: cannot read it: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InputError(
+            f"token_file {path}: mode {stat.S_IMODE(mode):04o} lets other users read the API "
+            f"token; run `chmod 600 {path}`"
+        )
+    if len(token) < 16:
+        raise InputError(f"token_file {path}: the token is too short (need 16+ characters)")
+    return token
 
 
 def read_daemon_file(state_dir: Path) -> dict[str, Any] | None:
@@ -166,10 +209,7 @@ class Daemon:
     def __init__(self, host_file: Path, state_dir: Path, options: DaemonOptions) -> None:
         self.host_file, self.state_dir, self.options = host_file, state_dir, options
         self.cfg = load_host_file(host_file)
-        self.interval = options.interval or self.cfg.daemon.interval
-        self.listen = split_listen(options.listen or self.cfg.daemon.listen)
-        if options.on_stop not in ("shutdown", "leave"):
-            raise InputError(f"--on-stop {options.on_stop!r}: choose shutdown or leave")
+        self._resolve(options)
         self.stop_event = threading.Event()
         self.loop_lock = threading.RLock()
         self.started_wall = time.time()
@@ -178,6 +218,32 @@ class Daemon:
         self.host: ManagedHost | None = None
         self.before_stop: Callable[[], None] | None = None  # runs after the loop, VMs still up
 
+    def _resolve(self, o: DaemonOptions) -> None:
+        """Each setting from its flag when given, else from the host file (or its default)."""
+        f = self.cfg.daemon
+        if o.policy is not None and o.policy not in POLICIES:
+            raise InputError(f"--policy {o.policy!r}: choose one of {', '.join(POLICIES)}")
+        if o.on_stop is not None and o.on_stop not in ON_STOP:
+            raise InputError(f"--on-stop {o.on_stop!r}: choose shutdown or leave")
+        same_policy = o.policy is None or o.policy == f.policy.name
+        self.policy_config = f.policy if same_policy else PolicyConfig(o.policy or "memvisor")
+        self.interval = o.interval or f.interval
+        self.listen = split_listen(o.listen or f.listen)
+        self.on_stop = o.on_stop or f.on_stop
+        self.retention = Retention(
+            o.keep_observations or f.keep_observations, o.keep_records or f.keep_records
+        )
+        flags_tls = o.tls_cert is not None or o.tls_key is not None
+        self.tls_cert, self.tls_key = (
+            (o.tls_cert, o.tls_key) if flags_tls else (f.tls_cert, f.tls_key)
+        )
+        self.token_file = o.token_file or f.token_file
+
+    def api_token(self) -> str:
+        if self.token_file is not None:
+            return load_token_file(self.token_file)
+        return load_or_create_token(self.state_dir)
+
     # --- facts for the API -------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
@@ -185,9 +251,12 @@ class Daemon:
         total = host["total"] if host else self.cfg.capacity
         t = thresholds_of(self.policy)
         return {
-            "backend": self.options.backend, "policy": self.options.policy,
+            "backend": self.options.backend, "policy": self.policy_config.name,
+            "policy_settings": dict(self.policy_config.settings),
             "interval": self.interval, "pid": os.getpid(), "started": self.started_wall,
-            "host_file": str(self.host_file), "on_stop": self.options.on_stop,
+            "host_file": str(self.host_file), "on_stop": self.on_stop,
+            "retention": {"observations": self.retention.observations,
+                          "records": self.retention.records},
             "thresholds": {k: int(total * getattr(t, k)) for k in ("high", "soft", "hard", "low")},
         }  # fmt: skip
 
@@ -205,7 +274,7 @@ class Daemon:
         crashed = previous is not None and previous.get("state") == "running"
         left_running = previous is not None and previous.get("vms") == "left running"
         tree = admit(self.cfg)
-        self.policy = get_policy(self.options.policy, **self._policy_settings(tree))
+        self.policy: Policy = self.policy_config.build(**self._policy_extras(tree))
         pools = PoolStore.in_state_dir(self.state_dir)
         if not ((crashed or left_running) and pools.initialized()):
             pools.initialize(tree, replace=True)
@@ -242,8 +311,9 @@ class Daemon:
             stopped = self._shutdown(host, pools, started_names=[s.name for s in specs])
         return rc if stopped else BackendError.exit_code
 
-    def _policy_settings(self, tree: PoolTree) -> dict[str, Any]:
-        if self.options.policy != "memvisor":
+    def _policy_extras(self, tree: PoolTree) -> dict[str, Any]:
+        """What the daemon adds to the file's settings: the scheduler gets the pool tree."""
+        if self.policy_config.name != "memvisor":
             return {}
         infos = tuple(
             PoolInfo(p.name, p.parent or ROOT, p.shares, p.reservation, p.limit, p.expandable)
@@ -266,22 +336,21 @@ class Daemon:
     def _serve(self, host: ManagedHost, pools: PoolStore, on_ready: Any) -> int:
         loop = ControlLoop(
             host.backend, self.policy, self.store, RealClock(), interval=self.interval,
-            retention=self.options.retention,
+            retention=self.retention,
             specs_overlay=lambda specs: self._live_specs(pools, specs),
         )  # fmt: skip
         loop.lock = self.loop_lock
-        token = load_or_create_token(self.state_dir)
+        token = self.api_token()
         app = create_app(self.store, PoolController(self.state_dir, self), token)
-        server = ApiServer(
-            app, *self.listen, tls_cert=self.options.tls_cert, tls_key=self.options.tls_key
-        )
+        server = ApiServer(app, *self.listen, tls_cert=self.tls_cert, tls_key=self.tls_key)
         server.start()
         self.url = server.url
         _write_daemon_file(self.state_dir, {
             "pid": os.getpid(), "state": "running", "url": self.url,
             "backend": host.name, "host_file": str(self.host_file.resolve()),
             "started": self.started_wall, "interval": self.interval,
-            "tls_cert": str(self.options.tls_cert.resolve()) if self.options.tls_cert else None,
+            "tls_cert": str(self.tls_cert.resolve()) if self.tls_cert else None,
+            "token_file": str(self.token_file.resolve()) if self.token_file else None,
         })  # fmt: skip
         self.store.record_event("daemon.started", f"{host.name} backend, API at {self.url}")
         old = self._install_signals()
@@ -298,7 +367,7 @@ class Daemon:
 
     def _shutdown(self, host: ManagedHost, pools: PoolStore, started_names: list[str]) -> bool:
         """Stop or leave the VMs; True if everything went as asked."""
-        leave = self.options.on_stop == "leave"
+        leave = self.on_stop == "leave"
         ok = True
         try:
             host.stop(leave_running=leave)

@@ -14,6 +14,7 @@ from memvisor.config import (
     load_host_file,
     parse_host_config,
 )
+from memvisor.daemonconfig import PolicyConfig
 from memvisor.errors import ConfigError
 from memvisor.model import Backing
 
@@ -43,7 +44,14 @@ def test_example_host_file_parses_and_admits() -> None:
     assert (web.parent, web.reservation, web.expandable) == ("production", 2 * GiB, True)
     ci1 = {v.name: v for v in cfg.vms}["ci1"]
     assert (ci1.backing, ci1.vcpus, ci1.power_on) == (Backing.ANON, 1, True)
-    assert cfg.daemon == DaemonConfig(interval=1.0, listen="127.0.0.1:8765")
+    assert cfg.daemon == DaemonConfig(
+        interval=1.0,
+        listen="127.0.0.1:8765",
+        policy=PolicyConfig(
+            "memvisor",
+            {"tax": 0.75, "thresholds": {"high": 0.06, "soft": 0.04, "hard": 0.02, "low": 0.01}},
+        ),
+    )  # every other [daemon] key: tests/unit/test_config_daemon.py
     result = dry_run(cfg)
     assert result.refusals == ()
     assert result.tree.borrowed("web") == GiB

@@ -25,12 +25,14 @@ from urllib.parse import quote
 from rich.console import Console
 from rich.table import Table
 
-from memvisor.api.auth import read_token
-from memvisor.daemon import LOCK_FILE, Daemon, DaemonOptions, read_daemon_file
+from memvisor.api.auth import TOKEN_FILE, read_token
+from memvisor.daemon import LOCK_FILE, Daemon, DaemonOptions, read_daemon_file, read_token_file
+from memvisor.daemonconfig import ON_STOP, parse_duration
 from memvisor.errors import AdmissionError, BackendError, InputError, NotFoundError
 from memvisor.hostbackends import BACKEND_NAMES
+from memvisor.policy import POLICIES
 from memvisor.statedir import resolve_state_dir
-from memvisor.store import DB_NAME, Retention, Store
+from memvisor.store import DB_NAME, Store
 from memvisor.units import format_size, parse_size
 
 Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -40,14 +42,16 @@ def register(sub: Sub) -> None:
     up = sub.add_parser("up", help="start the host's VMs and run the daemon until stopped")
     up.add_argument("host_file", metavar="HOST.toml")
     up.add_argument("--backend", choices=BACKEND_NAMES, default="qemu")
-    up.add_argument("--policy", default="memvisor", help="memvisor | mom | proxmox | none")
+    # every flag below overrides the host file's [daemon] value; unset: the file, else default
+    up.add_argument("--policy", choices=list(POLICIES), help="the scheduler (file: memvisor)")
     up.add_argument("--interval", type=float, help="loop period in seconds (file: 1)")
     up.add_argument("--listen", metavar="HOST:PORT", help="API address (file: 127.0.0.1:8765)")
     up.add_argument("--tls-cert", type=Path, help="TLS certificate (needed beyond loopback)")
     up.add_argument("--tls-key", type=Path, help="TLS private key")
-    up.add_argument("--on-stop", choices=("shutdown", "leave"), default="shutdown")
-    up.add_argument("--keep-observations", default="6h", metavar="DURATION")
-    up.add_argument("--keep-records", default="7d", metavar="DURATION")
+    up.add_argument("--token-file", type=Path, help="API bearer token (file: STATE/api-token)")
+    up.add_argument("--on-stop", choices=ON_STOP, help="what the VMs do when the daemon stops")
+    up.add_argument("--keep-observations", metavar="DURATION", help="time series (file: 6h)")
+    up.add_argument("--keep-records", metavar="DURATION", help="decisions, events (file: 7d)")
     up.add_argument("--duration", type=float, help="stop by itself after SECONDS")
     up.add_argument("--seed", type=int, default=0, help="simulator seed")
     up.add_argument("--accel", choices=("kvm", "tcg"), help="QEMU accelerator (default: probed)")
@@ -80,39 +84,29 @@ def _register_set_reservation(sub: Sub) -> None:
     p.set_defaults(func=cmd_set_reservation)
 
 
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str, what: str) -> float:
-    unit = text[-1:] if text[-1:] in _DURATION_UNITS else "s"
-    number = text[:-1] if text[-1:] in _DURATION_UNITS else text
-    try:
-        value = float(number) * _DURATION_UNITS[unit]
-    except ValueError:
-        raise InputError(f"{what} {text!r}: expected a duration such as 90s, 6h, 7d") from None
-    if value <= 0:
-        raise InputError(f"{what} {text!r}: must be positive")
-    return value
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     state_dir = resolve_state_dir(args.state)
+
+    def duration(text: str | None, flag: str) -> float | None:
+        return None if text is None else parse_duration(text, flag)
+
     options = DaemonOptions(
         backend=args.backend, policy=args.policy, interval=args.interval, listen=args.listen,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, on_stop=args.on_stop,
-        retention=Retention(
-            parse_duration(args.keep_observations, "--keep-observations"),
-            parse_duration(args.keep_records, "--keep-records"),
-        ),
+        tls_cert=args.tls_cert, tls_key=args.tls_key, token_file=args.token_file,
+        on_stop=args.on_stop,
+        keep_observations=duration(args.keep_observations, "--keep-observations"),
+        keep_records=duration(args.keep_records, "--keep-records"),
         duration=args.duration, seed=args.seed, accel=args.accel,
     )  # fmt: skip
     daemon = Daemon(Path(args.host_file), state_dir, options)
 
     def ready(d: Daemon) -> None:
-        token = read_token(state_dir)
+        token = d.api_token()
+        where = d.token_file or state_dir / TOKEN_FILE
         print(f"memvisor: {len([v for v in d.cfg.vms if v.power_on])} VM(s) on {args.backend}")
+        print(f"memvisor: policy {d.policy_config.name}, VMs {d.on_stop} on stop")
         print(f"memvisor: dashboard {d.url}/#token={token}")
-        print(f"memvisor: API {d.url}/api/v1 (token in {state_dir / 'api-token'})", flush=True)
+        print(f"memvisor: API {d.url}/api/v1 (token in {where})", flush=True)
 
     return daemon.run(on_ready=ready)
 
@@ -213,7 +207,7 @@ def api_request(state_dir: Path, method: str, path: str, body: Any = None) -> An
     req = urllib.request.Request(
         info["url"] + path, method=method,
         data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {read_token(state_dir)}",
+        headers={"Authorization": f"Bearer {client_token(state_dir, info)}",
                  "Content-Type": "application/json"},
     )  # fmt: skip
     ctx = ssl.create_default_context(cafile=info["tls_cert"]) if info.get("tls_cert") else None
@@ -227,6 +221,13 @@ def api_request(state_dir: Path, method: str, path: str, body: Any = None) -> An
         raise errors.get(exc.code, BackendError)(str(message)) from None
     except urllib.error.URLError as exc:
         raise BackendError(f"cannot reach the daemon at {info['url']}: {exc.reason}") from None
+
+
+def client_token(state_dir: Path, info: dict[str, Any]) -> str:
+    """The running daemon's token: its token file (recorded in daemon.json), else STATE's."""
+    if info.get("token_file"):
+        return read_token_file(Path(info["token_file"]))
+    return read_token(state_dir)
 
 
 def cmd_set_reservation(args: argparse.Namespace) -> int:

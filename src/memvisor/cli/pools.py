@@ -16,6 +16,7 @@ from dataclasses import asdict
 from typing import Any
 
 from memvisor.config import dry_run, load_host_file
+from memvisor.daemonconfig import describe_daemon
 from memvisor.errors import AdmissionError, ConfigError, InputError
 from memvisor.pools import KEEP, ROOT, Admission, Keep, PoolTree, PoolView, VMView
 from memvisor.poolstore import DB_NAME, PoolStore
@@ -326,6 +327,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{args.file}: valid: host {format_size(cfg.capacity)}, {len(cfg.pools)} pools, "
         f"{len(cfg.vms)} VMs, {len(powered)} marked power_on"
     )
+    print(describe_daemon(cfg.daemon))
     print("\ndry-run admission:")
     for a in result.admissions:
         print(f"  {a.describe()}")
