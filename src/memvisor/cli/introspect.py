@@ -59,8 +59,9 @@ def kernel_image(args: argparse.Namespace) -> Path:
 
 
 def open_monitor(args: argparse.Namespace) -> Monitor:
+    socket_path = gdb_socket_path(args)  # checked first: bad input fails fast
     syms: KernelSymbols = load_symbols(kernel_image(args), resolve_state_dir(args.state) / "cache")
-    client = GdbClient.connect_unix(str(gdb_socket_path(args)), timeout=args.timeout)
+    client = GdbClient.connect_unix(str(socket_path), timeout=args.timeout)
     try:
         find_kaslr_slide(client, syms)
         return Monitor(client, syms, accel=_detect(client))
