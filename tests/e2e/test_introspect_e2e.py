@@ -17,7 +17,7 @@ from memvisor.backends.qemu.launcher import GuestShell, VMProcess
 from memvisor.cli import main as cli_main
 from memvisor.guestimage import GuestImage, find_kernel_tree
 from memvisor.introspect import symbols, tcgcount
-from memvisor.introspect.inject import Injector
+from memvisor.introspect.inject import CallResult, Injector
 from memvisor.introspect.monitor import Monitor, argument_filter, detect_accelerator
 from memvisor.introspect.rsp import GdbClient
 
@@ -248,3 +248,32 @@ def test_tcg_plugin_counts_exactly_without_stopping(
     assert counters.instrumented() >= 1
     counters.close()
     counted.stop()
+
+
+@pytest.mark.timeout(240)
+def test_two_vcpus_hits_and_forced_calls(
+    vm_factory: Callable[..., VMProcess], image: GuestImage, kernel_symbols: symbols.KernelSymbols
+) -> None:
+    smp = vm_factory("smp", image=image, vcpus=2)
+    with GuestShell(smp.paths.shell) as sh, GdbClient.connect_unix(str(smp.paths.gdb)) as client:
+        symbols.find_kaslr_slide(client, kernel_symbols)
+        assert client.threads() == [1, 2]
+        monitor = Monitor(client, kernel_symbols)
+        injector = Injector(monitor)
+        results: list[CallResult] = []
+        reg = monitor.watch_symbol("__x64_sys_getpriority", max_rate=1000)
+        injector.on_hit(reg, injector.function("get_max_files"), results.append)
+        client.resume()
+        jobs = "for i in 1 2 3 4; do python3 /opt/test/syscalls.py 5 100 & done; wait"
+        start_job(sh, "smp", jobs)
+        monitor.run(duration=120, until=lambda: reg.hits >= 20)
+        assert reg.hits == 20 and not injector.errors
+        expected = int.from_bytes(
+            client.read_memory(kernel_symbols.address("files_stat") + 16, 8), "little"
+        )
+        assert [r.value for r in results] == [expected] * 20
+        assert [r.vcpu for r in results] == [h.vcpu for h in monitor.hits]
+        client.close()
+        assert wait_job(sh, "smp", "calls done").count("calls done 5") >= 1
+        assert sh.run("cat /proc/sys/fs/file-max").output.split() == [str(expected)]
+    smp.stop()
