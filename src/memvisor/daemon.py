@@ -273,6 +273,7 @@ class Daemon:
         previous = read_daemon_file(self.state_dir)
         crashed = previous is not None and previous.get("state") == "running"
         left_running = previous is not None and previous.get("vms") == "left running"
+        self.token = self.api_token()  # a bad token file stops the start before any VM
         tree = admit(self.cfg)
         self.policy: Policy = self.policy_config.build(**self._policy_extras(tree))
         pools = PoolStore.in_state_dir(self.state_dir)
@@ -340,8 +341,7 @@ class Daemon:
             specs_overlay=lambda specs: self._live_specs(pools, specs),
         )  # fmt: skip
         loop.lock = self.loop_lock
-        token = self.api_token()
-        app = create_app(self.store, PoolController(self.state_dir, self), token)
+        app = create_app(self.store, PoolController(self.state_dir, self), self.token)
         server = ApiServer(app, *self.listen, tls_cert=self.tls_cert, tls_key=self.tls_key)
         server.start()
         self.url = server.url

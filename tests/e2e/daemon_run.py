@@ -107,7 +107,8 @@ class RunningDaemon:
                 raise AssertionError(f"daemon exited {self.proc.returncode}: {self.output()}")
             info = self.daemon_file()
             if info.get("state") == "running" and info.get("pid") == self.proc.pid:
-                self.token = (self.state / "api-token").read_text().strip()
+                token_file = info.get("token_file") or self.state / "api-token"
+                self.token = Path(token_file).read_text().strip()
                 try:
                     if self.get("/metrics").status_code == 200 and self.ticks() >= ticks:
                         return self
