@@ -177,3 +177,28 @@ def test_vms_that_are_off_are_ignored() -> None:
     obs = dataclasses.replace(obs, power=PowerState.OFF)
     out = MemvisorScheduler().plan(snapshot([(spec, obs)], GiB, 0))
     assert out == []
+
+
+def test_soft_leaves_busy_vms_alone_hard_does_not() -> None:
+    busy = four_vms(active=0.9, guest_free=900 * MiB)  # net yield 0.1 < 0.25
+    assert balloons(MemvisorScheduler().plan(snapshot(busy, TOTAL, int(0.03 * TOTAL)))) == {}
+    assert balloons(MemvisorScheduler().plan(snapshot(busy, TOTAL, int(0.015 * TOTAL))))
+
+
+def test_soft_lifts_swap_limits_set_in_hard_or_low() -> None:
+    sched = MemvisorScheduler()
+    sched.plan(snapshot(four_vms(), TOTAL, int(0.005 * TOTAL)))  # LOW
+    limited = set(sched.swap_limit)
+    assert limited
+    out = sched.plan(snapshot(four_vms(), TOTAL, int(0.045 * TOTAL), time=1.0))  # SOFT
+    assert swaps(out) == {n: 1536 * MiB for n in limited} and not sched.swap_limit
+
+
+def test_free_target_sets_the_reclamation_goal() -> None:
+    vms = four_vms(guest_free=900 * MiB)
+    low = MemvisorScheduler(SchedulerSettings(free_target=0.05))
+    high = MemvisorScheduler(SchedulerSettings(free_target=0.10))
+    free = int(0.03 * TOTAL)
+    assert sum(balloons(low.plan(snapshot(vms, TOTAL, free))).values()) < sum(
+        balloons(high.plan(snapshot(vms, TOTAL, free))).values()
+    )
