@@ -7,6 +7,10 @@ short-lived guest checks symbol resolution with ``nokaslr``.
 from __future__ import annotations
 
 import json
+import select
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +23,7 @@ from memvisor.guestimage import GuestImage, find_kernel_tree
 from memvisor.introspect import symbols, tcgcount
 from memvisor.introspect.inject import CallResult, Injector
 from memvisor.introspect.monitor import Monitor, argument_filter, detect_accelerator
-from memvisor.introspect.rsp import GdbClient
+from memvisor.introspect.rsp import GdbClient, resume_vm
 
 pytestmark = pytest.mark.e2e
 
@@ -277,3 +281,44 @@ def test_two_vcpus_hits_and_forced_calls(
         assert wait_job(sh, "smp", "calls done").count("calls done 5") >= 1
         assert sh.run("cat /proc/sys/fs/file-max").output.split() == [str(expected)]
     smp.stop()
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if ready else ""
+
+
+@pytest.mark.timeout(180)
+def test_terminated_or_killed_clients_do_not_freeze_the_guest(
+    vm: VMProcess, gsh: GuestShell, state_dir: Path, kernel_symbols: symbols.KernelSymbols
+) -> None:
+    gdb = str(vm.paths.gdb)
+    monitor_cmd = [sys.executable, "-m", "memvisor", "--state", str(state_dir), "monitor", "vm",
+                   "--gdb-socket", gdb, "--kernel", str(find_kernel_tree().vmlinuz),
+                   "--symbol", "__x64_sys_getpriority", "--duration", "600"]  # fmt: skip
+    with subprocess.Popen(monitor_cmd, stdout=subprocess.PIPE, text=True) as proc:
+        time.sleep(1)
+        deadline = time.monotonic() + 60
+        line = ""
+        while not line and time.monotonic() < deadline:  # a hit proves it is attached
+            gsh.run("python3 /opt/test/syscalls.py 1 99", timeout=60)
+            line = read_line(proc, 2)
+        assert "__x64_sys_getpriority" in line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+    assert vm.qmp().cmd("query-status")["status"] == "running"  # it detached on SIGTERM
+    assert "calls done 1" in gsh.run("python3 /opt/test/syscalls.py 1 99", timeout=60).output
+    # SIGKILL cannot be caught: QEMU keeps the VM paused; resume_vm recovers it
+    holder = "from memvisor.introspect.rsp import GdbClient as G; import sys, time; "
+    holder += "G.connect_unix(sys.argv[1]); print('attached', flush=True); time.sleep(600)"
+    with subprocess.Popen(
+        [sys.executable, "-c", holder, gdb], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        assert read_line(proc, 60).strip() == "attached"
+        proc.kill()
+        proc.wait(30)
+    assert vm.qmp().cmd("query-status")["status"] == "paused"
+    resume_vm(gdb)
+    assert vm.qmp().cmd("query-status")["status"] == "running"
+    assert "calls done 1" in gsh.run("python3 /opt/test/syscalls.py 1 99", timeout=60).output

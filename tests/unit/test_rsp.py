@@ -238,3 +238,23 @@ def test_client_reports_a_peer_that_goes_away() -> None:
     with pytest.raises(IntrospectionError):
         client.request(b"g")
     client.close()
+
+
+@pytest.mark.timeout(20)
+def test_client_switches_to_no_ack_mode_when_offered() -> None:
+    ours, theirs = socket.socketpair()
+    base = make_handler(bytearray(64))
+
+    def handler(p: bytes) -> bytes | None:
+        if p.startswith(b"qSupported"):
+            return b"PacketSize=100;QStartNoAckMode+"
+        if p == b"QStartNoAckMode":
+            return b"OK"
+        return base(p)
+
+    stub = ScriptedStub(theirs, handler)
+    with rsp.GdbClient(ours, timeout=2.0) as client:
+        client.handshake()
+        assert not client._conn.ack_mode
+        assert client.read_memory(0, 4) == bytes(4)
+    assert b"QStartNoAckMode" in stub.received

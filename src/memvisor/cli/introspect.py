@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,19 @@ def kernel_image(args: argparse.Namespace) -> Path:
     return find_kernel_tree().vmlinuz
 
 
+def _detach_on_sigterm() -> None:
+    """SIGTERM would end the process without running ``finally``; the VM would stay paused
+    (QEMU keeps a VM paused when its gdb client vanishes). Turn it into a clean exit."""
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, leave)
+
+
 def open_monitor(args: argparse.Namespace) -> Monitor:
+    _detach_on_sigterm()
     socket_path = gdb_socket_path(args)  # checked first: bad input fails fast
     syms: KernelSymbols = load_symbols(kernel_image(args), resolve_state_dir(args.state) / "cache")
     client = GdbClient.connect_unix(str(socket_path), timeout=args.timeout)

@@ -497,10 +497,13 @@ class GdbClient:
         while reply[:1] in (b"T", b"S"):
             reply = self.wait_packet()
         check_error(b"qSupported", reply)
-        for feature in reply.decode("ascii", "replace").split(";"):
+        features = reply.decode("ascii", "replace").split(";")
+        for feature in features:
             if feature.startswith("PacketSize="):
                 with contextlib.suppress(ValueError):
                     self.packet_size = max(64, int(feature.split("=", 1)[1], 16))
+        if "QStartNoAckMode+" in features and self.request(b"QStartNoAckMode") == b"OK":
+            self._conn.ack_mode = False  # QEMU 7.2 does not offer it; newer stubs do
         self.target_xml = self.read_feature("target.xml")
         if "x86-64" not in self.target_xml:
             raise IntrospectionError(f"gdbstub: not an x86-64 target: {self.target_xml[:200]!r}")
