@@ -322,3 +322,28 @@ def test_terminated_or_killed_clients_do_not_freeze_the_guest(
     resume_vm(gdb)
     assert vm.qmp().cmd("query-status")["status"] == "running"
     assert "calls done 1" in gsh.run("python3 /opt/test/syscalls.py 1 99", timeout=60).output
+
+
+@pytest.mark.timeout(180)
+def test_timer_and_condition_triggers(vm: VMProcess, monitor: Monitor) -> None:
+    expected = int.from_bytes(
+        monitor.client.read_memory(monitor.symbols.address("files_stat") + 16, 8), "little"
+    )
+    injector = Injector(monitor)
+    by_timer: list[CallResult] = []
+    by_condition: list[CallResult] = []
+    fired = []
+
+    def condition() -> bool:  # a host-side state, true once
+        fired.append(True)
+        return len(fired) == 3
+
+    injector.every(0.5, injector.function("get_max_files"), by_timer.append)
+    injector.when(condition, injector.function("get_max_files"), by_condition.append, poll=0.3)
+    monitor.run(duration=6)
+    assert len(by_timer) >= 2 and {r.value for r in by_timer} == {expected}
+    assert {r.trigger for r in by_timer} == {"timer"}
+    assert [(r.value, r.trigger) for r in by_condition] == [(expected, "condition")]
+    assert not injector.errors
+    monitor.client.close()
+    assert vm.qmp().cmd("query-status")["status"] == "running"
