@@ -60,6 +60,8 @@ class PolicyConfig:
 
     def build(self, **extra: Any) -> Policy:
         """The policy, with this file's settings and ``extra`` (e.g. ``pools``)."""
+        # the registry takes a group (thresholds, ...) as its settings object: the policy's
+        # default one, reached through a default instance, with the file's keys replaced
         defaults = getattr(get_policy(self.name), "settings", None)
         kwargs = {
             key: dataclasses.replace(getattr(defaults, key), **value)
@@ -209,6 +211,8 @@ def parse_policy_table(raw: object, problem: Problem) -> PolicyConfig:
 
 
 def _fields(settings: object) -> tuple[str, ...]:
+    """The settings a policy (or group) has: its settings dataclass's fields, seen through a
+    default instance, so that only the registry is imported (``loop.thresholds_of`` too)."""
     if settings is None or not dataclasses.is_dataclass(settings):
         return ()
     names = (f.name for f in dataclasses.fields(settings))
