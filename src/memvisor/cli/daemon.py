@@ -39,7 +39,12 @@ Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def register(sub: Sub) -> None:
-    up = sub.add_parser("up", help="start the host's VMs and run the daemon until stopped")
+    up = sub.add_parser(
+        "up",
+        help="start the host's VMs and run the daemon until stopped",
+        description="Each option overrides the host file's [daemon] key of the same name; "
+        "without it, the file's value is used, else the default in parentheses.",
+    )
     up.add_argument("host_file", metavar="HOST.toml")
     up.add_argument("--backend", choices=BACKEND_NAMES, default="qemu")
     # every flag below overrides the host file's [daemon] value; unset: the file, else default
@@ -49,7 +54,7 @@ def register(sub: Sub) -> None:
     up.add_argument("--tls-cert", type=Path, help="TLS certificate (needed beyond loopback)")
     up.add_argument("--tls-key", type=Path, help="TLS private key")
     up.add_argument("--token-file", type=Path, help="API bearer token (file: STATE/api-token)")
-    up.add_argument("--on-stop", choices=ON_STOP, help="what the VMs do when the daemon stops")
+    up.add_argument("--on-stop", choices=ON_STOP, help="the VMs when the daemon stops (shutdown)")
     up.add_argument("--keep-observations", metavar="DURATION", help="time series (file: 6h)")
     up.add_argument("--keep-records", metavar="DURATION", help="decisions, events (file: 7d)")
     up.add_argument("--duration", type=float, help="stop by itself after SECONDS")
