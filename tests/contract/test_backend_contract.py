@@ -57,7 +57,7 @@ BALLOON_FREE_TOLERANCE = 16 * MiB  # |consumed drop - balloon| after inflating o
 BALLOON_HELD_TOLERANCE = 4 * MiB  # |ballooned - target| once settled
 REPEAT_TOLERANCE = 4 * MiB  # what a repeated action may still achieve or move
 FREED_TOLERANCE = 16 * MiB  # how much less than the measured drop a swap-out may report
-REFAULT_TOLERANCE = 48 * MiB  # how much more: what the guest faulted back meanwhile
+REFAULT_TOLERANCE = 64 * MiB  # how much more: what the guest faulted back meanwhile
 CHUNK = 2 * MiB  # swap-out works in 2 MiB chunks (page-cache folios)
 SETTLE = 10.0  # seconds of backend time for a change to finish (balloon, guest statistics)
 
