@@ -296,6 +296,18 @@ def memory_of(vm: str) -> int:
     return next(s.memory for s in SPECS if s.name == vm)
 
 
+# --- KSM -----------------------------------------------------------------------------------------
+
+
+def test_ksm_settings_applied_again_change_nothing(backend: Harness) -> None:
+    """Applying the host's current KSM settings is accepted and leaves them as they were (on
+    QEMU this is the host's /sys/kernel/mm/ksm: the suite never changes it)."""
+    before = backend.backend.observe_host().ksm
+    result = backend.backend.apply(SetKsm(before.run, before.pages_to_scan, before.sleep_millisecs))
+    assert result.ok, result.message
+    assert ksm_settings(backend) == (before.run, before.pages_to_scan, before.sleep_millisecs)
+
+
 # --- bad actions ----------------------------------------------------------------------------------
 
 REFUSED = "refused"  # a not-ok ActionResult whose message names the VM
