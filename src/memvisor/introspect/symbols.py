@@ -1,9 +1,9 @@
 """Guest kernel symbols, recovered from the kernel image and corrected for KASLR at run time.
 
 Debian ships no usable System.map (a one-line stub), so the symbol table comes from the
-kallsyms table embedded in the kernel image itself (``vmlinux-to-elf``'s KallsymsFinder does
-the decompression and the table walk). That takes a few seconds, so it is done once per kernel
-build (keyed by the image's SHA-256) and cached under ``<state>/cache/kallsyms/``.
+kallsyms table embedded in the kernel image itself (:mod:`memvisor.introspect.kallsyms`
+decompresses the image and walks the table). That takes about a second, so it is done once per
+kernel build (keyed by the image's SHA-256) and cached under ``<state>/cache/kallsyms/``.
 
 At run time KASLR adds one slide to every kernel-image symbol. :func:`find_kaslr_slide` reads
 the #DE handler address from the guest's IDT through the gdbstub (IDTR from QEMU's ``info
@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import io
-import logging
 import os
 import re
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from memvisor.errors import InputError, IntrospectionError, NotFoundError
+from memvisor.introspect import kallsyms
 
 CACHE_FORMAT = 1
 KASLR_ALIGN = 0x200000  # CONFIG_PHYSICAL_ALIGN: the slide is a multiple of 2 MiB
@@ -127,28 +127,23 @@ def _banner_from_image(image: bytes, banner_addr: int | None) -> bytes:
 
 
 def extract_symbols(kernel: Path) -> KernelSymbols:
-    """Decompress the image and walk its kallsyms table (a few seconds)."""
-    from vmlinux_to_elf.core.auto_unpack import VmlinuzDecompressor
-    from vmlinux_to_elf.core.kallsyms import KallsymsFinder
+    """Decompress the image and walk its kallsyms table (about a second, mostly xz)."""
+    addresses, types, banner = symbols_from_vmlinux(kallsyms.decompress_kernel(kernel.read_bytes()))
+    return KernelSymbols(kernel_build_id(kernel), addresses, types, banner)
 
-    raw = kernel.read_bytes()
-    image = VmlinuzDecompressor(raw).decompressed or raw
-    previous = logging.root.level
-    logging.root.setLevel(logging.WARNING)  # the library logs every step at INFO
-    try:
-        finder = KallsymsFinder(image, None, False, None)
-    except Exception as exc:
-        raise IntrospectionError(f"{kernel}: no kallsyms table recovered: {exc}") from exc
-    finally:
-        logging.root.setLevel(previous)
+
+def symbols_from_vmlinux(image: bytes) -> tuple[dict[str, int], dict[str, str], bytes]:
+    """(address by name, type letter by name, banner) of a raw vmlinux."""
+    table = kallsyms.parse_kallsyms(image)
     addresses: dict[str, int] = {}
     types: dict[str, str] = {}
-    for sym in finder.symbols:
-        if sym.name not in addresses:  # keep the first of duplicate static names
-            addresses[sym.name] = sym.virtual_address
-            types[sym.name] = sym.symbol_type.value
-    banner = _banner_from_image(image, addresses.get(BANNER_SYMBOL))
-    return KernelSymbols(kernel_build_id(kernel), addresses, types, banner)
+    for typed_name, addr in zip(table.typed_names, table.addresses, strict=True):
+        name = typed_name[1:]
+        if name not in addresses:  # keep the first of duplicate static names
+            addresses[name] = addr
+            # Upper case, as cache format 1 has always stored it (local/global is not kept).
+            types[name] = typed_name[:1].upper()
+    return addresses, types, _banner_from_image(image, addresses.get(BANNER_SYMBOL))
 
 
 def _write_cache(path: Path, syms: KernelSymbols) -> None:
