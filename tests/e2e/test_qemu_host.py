@@ -139,29 +139,57 @@ def test_swap_target_never_goes_below_the_reservation(host: QemuHost) -> None:
     assert not host.apply(SetSwapTarget("anon2", 0)).ok  # anonymous: no swap file
 
 
+KPF_KSM = 1 << 21
+
+
+def ksm_fraction(pid: int, hva: int, gpa_ranges: list[tuple[int, int]]) -> float:
+    """Fraction of the guest pages in ``gpa_ranges`` whose host frame is a KSM page."""
+    merged = total = 0
+    with open(f"/proc/{pid}/pagemap", "rb") as pm, open("/proc/kpageflags", "rb") as kf:
+        for gpa, length in gpa_ranges:
+            pm.seek((hva + gpa) // PAGE_SIZE * 8)
+            entries = pm.read(length // PAGE_SIZE * 8)
+            for i in range(0, len(entries), 8):
+                entry = int.from_bytes(entries[i : i + 8], "little")
+                total += 1
+                if entry >> 63:
+                    kf.seek((entry & ((1 << 55) - 1)) * 8)
+                    merged += bool(int.from_bytes(kf.read(8), "little") & KPF_KSM)
+    return merged / total
+
+
 def test_ksm_merges_identical_pages_of_two_anonymous_vms(host: QemuHost) -> None:
+    """Judged on the buffers' own pages, not on a before/after difference: KSM may already run
+    on this host, and the guests' free pages it merged are what the buffers get written into."""
     saved = hostmem.ksm_stats()
+    vms = [host.running(n) for n in ("anon1", "anon2")]
     try:
-        for name in ("anon1", "anon2"):
-            start_membuf(host, name, 64, seed=42)
-        vms = [host.running(n) for n in ("anon1", "anon2")]
-        before = [sample_guest_ram(v.process.pid, host.ram_hva(v), v.spec.memory,
-                                   samples=4000, seed=1) for v in vms]  # fmt: skip
+        ranges = [start_membuf(host, n, 64, seed=42)["ranges"] for n in ("anon1", "anon2")]
+        buffers = [[(int(a), int(n)) for a, n in r] for r in ranges]  # type: ignore[union-attr]
         host.apply(SetKsm(run=1, pages_to_scan=5000, sleep_millisecs=10))
-        deadline = time.monotonic() + 120
-        merged = 0
+        deadline = time.monotonic() + 180  # ksmd shares a loaded host with other VMs
+        fractions, last_gain = [0.0, 0.0], time.monotonic()
         while time.monotonic() < deadline:
-            merged = min(hostmem.ksm_merging_bytes(v.process.pid) for v in vms)
-            if merged >= 48 * MiB:
+            now = [ksm_fraction(v.process.pid, host.ram_hva(v), b)
+                   for v, b in zip(vms, buffers, strict=True)]  # fmt: skip
+            if min(now) > min(fractions) + 0.01:
+                last_gain = time.monotonic()
+            fractions = now
+            # some host THPs may stay unsplit; stop once merging has settled
+            if min(now) >= 0.9 or (min(now) >= 0.5 and time.monotonic() - last_gain > 20):
                 break
             time.sleep(2)
-        assert merged >= 48 * MiB, f"KSM merged only {merged} bytes"
-        after = [sample_guest_ram(v.process.pid, host.ram_hva(v), v.spec.memory,
-                                  samples=4000, seed=1) for v in vms]  # fmt: skip
-        for b, a in zip(before, after, strict=True):
-            assert a.shared_fraction - b.shared_fraction >= 0.1, (b, a)
-            assert a.expected_freed_per_page < b.expected_freed_per_page
+        merged = min(fractions)
+        assert merged >= 0.5, f"buffer pages merged by KSM: {fractions}"
+        for v in vms:
+            # the sharing metric over the whole guest RAM sees at least the merged buffer
+            stats = sample_guest_ram(v.process.pid, host.ram_hva(v), v.spec.memory,
+                                     samples=4000, seed=1)  # fmt: skip
+            buffer_share = merged * 64 * MiB / (stats.resident_pages * PAGE_SIZE)
+            assert stats.ksm_fraction >= 0.8 * buffer_share, stats
+            assert stats.shared_fraction >= 0.8 * buffer_share, stats
+            assert stats.expected_freed_per_page < 1 - 0.4 * buffer_share, stats
         obs = host.observe_vm("anon2")
-        assert obs.shared >= 48 * MiB and obs.sharing is not None
+        assert obs.sharing is not None and obs.shared >= 0.8 * merged * 64 * MiB
     finally:
         host.apply(SetKsm(saved.run, saved.pages_to_scan, saved.sleep_millisecs))
