@@ -30,5 +30,6 @@ def test_scheduler_idle_tax_raises_the_busy_vms_throughput() -> None:
     busy75, idle75, ent75 = run(0.75)
     assert abs(ent0[0] - ent0[1]) < MiB  # tax 0: an even split
     assert ent75[1] > ent75[0] + 200 * MiB  # tax 0.75: the busy VM is entitled to more
-    assert busy75 > 1.25 * busy0
+    # +19% with the measured swap-in latency (125 us; +35% when it was an assumed 300 us)
+    assert busy75 > 1.1 * busy0
     assert idle75 > 0.95 * idle0

@@ -107,7 +107,16 @@ class SimHostConfig:
     """The host: capacity for guest RAM, reclamation speeds and costs, scanner, sampling."""
 
     memory: int = 16 * GiB  # frames available to guest RAM
-    swap_in_latency: float = 300e-6  # per page faulted back from a VM's swap file
+    # per page faulted back from swap: one 4 KiB fault read back without readahead measured
+    # 124.5 us on our host (bench/results/qemu.md); the disk queue can only make it longer
+    swap_in_latency: float = 125e-6
+    # the swap disk shared by every swap write and read: measured 512 MiB/s swapping out
+    # freshly written guest pages, 562 MiB/s sequential writes (bench/results/qemu.md), a SATA
+    # SSD's order of magnitude
+    disk_bandwidth: int = 512 * MiB
+    # CPU work of reclaiming one page (LRU scan, unmap, TLB flush): evicting pages already
+    # written back ran at 1040 MiB/s, 3.8 us per page (bench/results/qemu.md)
+    reclaim_cost: float = 4e-6
     minor_fault_cost: float = 2e-6  # first touch of a page (zero-fill)
     cow_cost: float = 3e-6  # breaking a shared page on write
     blocked_cost: float = 5e-3  # an access that waited for memory the host could not free

@@ -99,7 +99,7 @@ def _page_out(host: SimHost, vm: VMRun, g: IntArray) -> int:
         host_swapped = anon[pt.state[anon] == SWAPPED]
         if host_swapped.size:  # double paging: the host must read it back first
             done = host.fault_in(vm, host_swapped)
-            vm.stats.stall += done.size * host.cfg.swap_in_latency
+            vm.stats.stall += host.read_stall(vm, int(done.size), host.cfg.swap_in_latency)
             vm.stats.host_swap_ins += int(done.size)
             anon = anon[pt.state[anon] != SWAPPED]
         logical = pt.g2l[anon].astype(np.int64)
@@ -109,6 +109,7 @@ def _page_out(host: SimHost, vm: VMRun, g: IntArray) -> int:
         pt.g2l[anon] = -1
         pt.use[anon] = G_FREE
     n = int(reserved.size + anon.size)
+    host.disk.write(n)  # the guest's swap device is a host disk too; the guest does not wait
     vm.guest_swap_used += n
     vm.stats.guest_swap_outs += n
     vm.stats.stall += n * vm.cfg.guest.swap_out_cost
@@ -144,11 +145,11 @@ def place(host: SimHost, vm: VMRun, logical: IntArray, g: IntArray) -> None:
     host_swapins = int(np.count_nonzero(before == SWAPPED))
     vm.stats.host_swap_ins += host_swapins
     vm.stats.stall += (
-        n_swapin * guest.swap_in_latency
-        + int(np.count_nonzero(lstate == L_DROPPED)) * guest.file_read_latency
+        host.read_stall(vm, n_swapin, guest.swap_in_latency)
+        + host.read_stall(vm, int(np.count_nonzero(lstate == L_DROPPED)), guest.file_read_latency)
         + int(np.count_nonzero(before == UNTOUCHED)) * cost.minor_fault_cost
         + int(np.count_nonzero(before == SHARED)) * cost.cow_cost
-        + host_swapins * cost.swap_in_latency
+        + host.read_stall(vm, host_swapins, cost.swap_in_latency)  # double paging of free pages
     )
 
 

@@ -6,13 +6,18 @@ Time moves only in :meth:`SimHost.step`, which advances the :class:`ManualClock`
    pages out toward each VM's resident limit (within this tick's rate budgets);
 2. each VM's workload touches its pages: faults are served (first touch, guest swap-in,
    page-cache re-read, host swap-in, copy-on-write) and their latencies become stall time;
-   the VM's throughput is its touches divided by (tick + stall);
+   a VM's stall is time it cannot work: stall beyond what fits in a tick is carried over
+   and cuts the touches it makes in the next ticks; its throughput is touches per second;
 3. the sharing scanner merges pages of equal content;
 4. the working-set sampler updates each VM's active-fraction estimate.
 
 When a fault needs a frame and the host has none free, the host kernel reclaims: it swaps
-the least recently used pages (sampled approximate LRU) of VMs above their reservation to
-their own swap files. So frames used never exceed host frames, with or without a policy.
+the least recently used pages (sampled approximate LRU of host-side accesses: it cannot know
+which guest pages are free) of VMs above their reservation. So frames used never exceed host
+frames, with or without a policy. That reclaim is *direct*: the VM whose fault triggered it
+stalls for the CPU work of every page it evicts and until the swap disk has written them
+(:mod:`memvisor.backends.sim.disk`: one device of bounded bandwidth that every swap write and
+read shares, so heavy writing also slows every swap-in).
 ``apply`` acts at once within the current tick's budgets; the rest follows in ``step``.
 """
 
@@ -34,6 +39,7 @@ from memvisor.backends.sim.config import (
     Workload,
     default_workload,
 )
+from memvisor.backends.sim.disk import SwapDisk
 from memvisor.backends.sim.pages import (
     G_KERNEL,
     PRIVATE,
@@ -109,6 +115,7 @@ class SimHost:
         self.ksm_run = host.ksm_run
         self.ksm_pages_to_scan = host.ksm_pages_to_scan
         self.ksm_sleep = host.ksm_sleep_millisecs
+        self.disk = SwapDisk(host.disk_bandwidth)
         slots, universes, kernel_bases = self._content_layout(vms)
         self.pt = PageTable([v.memory // PAGE_SIZE for v in vms], host.memory // PAGE_SIZE, slots)
         logical = [(v.workload.footprint + v.workload.page_cache) // PAGE_SIZE for v in vms]
@@ -125,6 +132,7 @@ class SimHost:
         for vm in self.vms:
             self._boot(vm)
             self._reset_tick(vm)
+        self.disk.reset()  # boot happened "long ago": its writes are done
 
     @classmethod
     def from_specs(
@@ -239,12 +247,15 @@ class SimHost:
             return g
         pt.last_access[g] = self.tick  # protects them from the reclaim below
         need = pt.frames_needed(g)
+        evicted = 0
         if vm.resident_limit is not None:
             st = pt.state[g]
-            self._keep_within_limit(vm, int(np.count_nonzero((st != PRIVATE) & (st != SHARED))))
+            incoming = int(np.count_nonzero((st != PRIVATE) & (st != SHARED)))
+            evicted += self._keep_within_limit(vm, incoming)
         if need > pt.free_frames():
             headroom = int(self.cfg.reclaim_headroom * pt.capacity)
-            self._host_reclaim(need - pt.free_frames() + headroom)
+            evicted += self._host_reclaim(need - pt.free_frames() + headroom)
+        self._direct_reclaim_stall(vm, evicted)
         free = pt.free_frames()
         if need > free:
             needing = np.flatnonzero(pt.state[g] != PRIVATE)
@@ -254,19 +265,43 @@ class SimHost:
         pt.set_state(g, PRIVATE, vm.index)
         return g
 
-    def _host_reclaim(self, frames: int) -> None:
+    def _direct_reclaim_stall(self, vm: VMRun, evicted: int) -> None:
+        """``vm`` reclaimed ``evicted`` pages itself (direct reclaim): it pays the CPU work per
+        page and waits until the disk has written them (after what was queued before)."""
+        if evicted <= 0:
+            return
+        done = self.disk.write(evicted)
+        vm.stats.stall += evicted * self.cfg.reclaim_cost + max(0.0, done - vm.stats.io_wait)
+        vm.stats.io_wait = max(vm.stats.io_wait, done)
+        vm.stats.direct_reclaimed += evicted
+
+    def read_stall(self, vm: VMRun, pages: int, latency: float) -> float:
+        """Stall of ``vm`` reading ``pages`` pages back from a swap device or file: base
+        ``latency`` each plus the disk's queueing delay, after the work the disk carried over
+        from earlier ticks (waited for once per tick)."""
+        if pages <= 0:
+            return 0.0
+        backlog = max(0.0, self.disk.carried - vm.stats.io_wait)
+        vm.stats.io_wait = max(vm.stats.io_wait, self.disk.carried)
+        return backlog + self.disk.read(pages, latency)
+
+    def _host_reclaim(self, frames: int) -> int:
         """The host kernel frees ``frames`` frames by swapping the least recently used pages
-        of VMs above their reservations to their swap files (sampled approximate LRU)."""
+        of VMs above their reservations (sampled approximate LRU of host-side accesses);
+        returns the pages it swapped out."""
         pt = self.pt
         target = pt.free_frames() + frames
+        evicted = 0
         for attempt in range(6):
             short = target - pt.free_frames()
             if short <= 0:
-                return
+                break
             victims = self._lru_victims(short, full=attempt >= 4)
             if victims.size == 0 and attempt >= 4:
-                return
+                break
             pt.set_state(victims, SWAPPED)
+            evicted += int(victims.size)
+        return evicted
 
     def _lru_victims(self, n: int, *, full: bool) -> IntArray:
         pt = self.pt
@@ -285,17 +320,21 @@ class SimHost:
             cand = cand[np.argpartition(pt.last_access[cand], n - 1)[:n]]
         return observe.cap_per_vm(pt, cand, allowance)
 
-    def _keep_within_limit(self, vm: VMRun, incoming: int) -> None:
+    def _keep_within_limit(self, vm: VMRun, incoming: int) -> int:
         """A VM with a resident limit swaps its own pages to make room for ``incoming`` ones
-        (like a memory cgroup's limit): the limit holds after every fault, not only per tick."""
+        (like a memory cgroup's limit, reclaimed by the faulting task): the limit holds after
+        every fault, not only per tick. Returns the pages swapped out."""
         if vm.resident_limit is None or incoming <= 0:
-            return
+            return 0
         pt = self.pt
         resident = int(pt.counts[vm.index, PRIVATE] + pt.counts[vm.index, SHARED])
         limit = max(vm.resident_limit, vm.reservation_pages)
         over = resident + incoming - limit
-        if over > 0:
-            pt.set_state(self._own_victims(vm, over), SWAPPED, vm.index)
+        if over <= 0:
+            return 0
+        victims = self._own_victims(vm, over)
+        pt.set_state(victims, SWAPPED, vm.index)
+        return int(victims.size)
 
     def _own_victims(self, vm: VMRun, k: int) -> IntArray:
         """``k`` resident pages of ``vm`` not touched this tick: random (the hypervisor does
@@ -317,11 +356,13 @@ class SimHost:
         pt = self.pt
         resident = int(pt.counts[vm.index, PRIVATE] + pt.counts[vm.index, SHARED])
         limit = max(vm.resident_limit, vm.reservation_pages)
-        k = min(resident - limit, vm.swap_budget)
+        # a background writer: no VM waits for it, but it can use only the disk time left
+        k = min(resident - limit, vm.swap_budget, self.disk.room(self.dt))
         if k <= 0:
             return
         victims = self._own_victims(vm, k)
         pt.set_state(victims, SWAPPED, vm.index)
+        self.disk.write(int(victims.size))
         vm.swap_budget -= int(victims.size)
 
     # --- time --------------------------------------------------------------------------------
@@ -336,7 +377,8 @@ class SimHost:
         for vm in self.vms:
             guest.balloon_step(self, vm)
             self.swap_step(vm)
-        draws = [draw(vm, t, dt, self.cfg.max_accesses_per_tick) for vm in self.vms]
+        cap = self.cfg.max_accesses_per_tick
+        draws = [self._runnable(vm, draw(vm, t, dt, cap), dt) for vm in self.vms]
         self._access_all(draws)
         for vm in self.vms:
             self._kernel_access(vm, kernel_touches(vm, dt))
@@ -345,10 +387,26 @@ class SimHost:
             self.scanner.scan(n, self.tick, self.cfg.ksm_stable_ticks)
         for vm in self.vms:
             observe.sample_active(self, vm, dt)
-            vm.demand = vm.stats.accesses / dt
-            vm.throughput = vm.stats.accesses / (dt + vm.stats.stall)
+            vm.demand = vm.stats.asked / dt
+            vm.throughput = vm.stats.accesses / dt
+            vm.stall_debt += vm.stats.stall
             self._reset_tick(vm, dt)
+        self.disk.end_tick(dt)
         self.clock.advance(dt)
+
+    @staticmethod
+    def _runnable(
+        vm: VMRun, touches: tuple[IntArray, BoolArray], dt: float
+    ) -> tuple[IntArray, BoolArray]:
+        """The touches ``vm`` gets to make this tick: a VM that stalled longer than a tick
+        (waiting for swap I/O) first works off that stall, and does the rest of its tick's
+        work only in the time left."""
+        pages, writes = touches
+        vm.stats.asked = int(pages.size)
+        run = max(0.0, dt - vm.stall_debt) / dt
+        vm.stall_debt = max(0.0, vm.stall_debt - dt)
+        keep = round(pages.size * run)
+        return pages[:keep], writes[:keep]
 
     def _reset_tick(self, vm: VMRun, dt: float | None = None) -> None:
         dt = self.dt if dt is None else dt
@@ -385,7 +443,7 @@ class SimHost:
         in_guest = g >= 0
         done = self.fault_in(vm, uniq(g[in_guest]))
         vm.stats.host_swap_ins += int(done.size)
-        vm.stats.stall += done.size * self.cfg.swap_in_latency
+        vm.stats.stall += self.read_stall(vm, int(done.size), self.cfg.swap_in_latency)
         missing = uniq(logical[~in_guest])
         if missing.size:
             free = guest.alloc(self, vm, missing.size)
@@ -417,7 +475,7 @@ class SimHost:
         self.pt.last_access[g] = self.tick
         done = self.fault_in(vm, g[self.pt.state[g] == SWAPPED])
         vm.stats.host_swap_ins += int(done.size)
-        vm.stats.stall += done.size * self.cfg.swap_in_latency
+        vm.stats.stall += self.read_stall(vm, int(done.size), self.cfg.swap_in_latency)
 
     # --- HostBackend ---------------------------------------------------------------------------
 

@@ -53,7 +53,8 @@ def spec_of(vm: VMRun) -> VMSpec:
         limit=c.limit,
         shares=c.shares,
         pool=c.pool,
-        backing=Backing.FILE if not c.merge else Backing.ANON,
+        # a per-VM swap file is what file backing means (C4); without one the VM is anonymous
+        backing=Backing.FILE if c.swap_file else Backing.ANON,
     )
 
 

@@ -94,6 +94,13 @@ def integer(lo: int, hi: int) -> Convert:
     return check
 
 
+def positive_size(v: object) -> int:
+    n = size(v)
+    if n <= 0:
+        raise InputError(f"expected a positive size, got {v!r}")
+    return n
+
+
 def micros(hi: float) -> Convert:
     inner = number(0.0, hi)
     return lambda v: inner(v) * 1e-6
@@ -169,6 +176,8 @@ HOST_FIELDS: dict[str, tuple[str, Convert]] = {
     "blocked_us": ("blocked_cost", micros(1e7)),
     "balloon_rate": ("balloon_rate", size),
     "swap_out_rate": ("swap_out_rate", size),
+    "disk_bandwidth": ("disk_bandwidth", positive_size),
+    "reclaim_us": ("reclaim_cost", micros(1e6)),
     "swap_victims": ("swap_victims", one_of("random", "lru")),
     "reclaim_headroom": ("reclaim_headroom", number(0.0, 0.5)),
     "max_accesses_per_tick": ("max_accesses_per_tick", integer(1, 10_000_000)),
@@ -218,6 +227,7 @@ VM_KEYS = (
     "image",
     "workload",
     "merge",
+    "backing",
     "scan_rate",
     "guest",
 )
@@ -388,6 +398,7 @@ def _read_vms(
             shares=vm_shares(spec_shares, memory),
             pool=r.get(t, path, "pool", text, ROOT),
             merge=r.get(t, path, "merge", boolean, True),
+            swap_file=r.get(t, path, "backing", one_of("file", "anon"), "file") == "file",
             scan_rate=r.get(t, path, "scan_rate", number(0.0, 1e9), None),
             guest=vm_guest,
         )

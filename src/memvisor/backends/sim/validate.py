@@ -18,6 +18,8 @@ def check_setup(host: SimHostConfig, vms: Sequence[SimVMConfig], tick: float) ->
         raise InputError(f"tick must be positive, got {tick}")
     if host.memory <= 0 or host.memory % PAGE_SIZE:
         raise InputError(f"host memory must be a positive multiple of 4 KiB, got {host.memory}")
+    if host.disk_bandwidth <= 0:
+        raise InputError(f"host disk_bandwidth must be positive, got {host.disk_bandwidth}")
     if host.swap_victims not in ("random", "lru"):
         raise InputError(f"host swap_victims must be 'random' or 'lru', got {host.swap_victims!r}")
     names = [v.name for v in vms]

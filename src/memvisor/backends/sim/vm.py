@@ -33,13 +33,16 @@ class ContentUniverse:
 class TickStats:
     """What one VM did in the last tick (reset every tick)."""
 
-    accesses: int = 0
+    accesses: int = 0  # touches made
+    asked: int = 0  # touches the workload asked for (more if the VM was still stalled)
     stall: float = 0.0
     host_swap_ins: int = 0
     guest_swap_ins: int = 0
     guest_swap_outs: int = 0
     reserved_paged_out: int = 0
     blocked: int = 0
+    direct_reclaimed: int = 0  # pages this VM evicted itself (direct reclaim, its limit)
+    io_wait: float = 0.0  # seconds of stall already charged waiting for swap writes
 
 
 @dataclass
@@ -71,6 +74,7 @@ class VMRun:
     trace_pos: int = 0
     stats: TickStats = field(default_factory=TickStats)
     last: TickStats = field(default_factory=TickStats)
+    stall_debt: float = 0.0  # seconds of stall not yet served (stalls longer than a tick)
     throughput: float = 0.0  # accesses per second completed in the last tick
     demand: float = 0.0  # accesses per second asked for in the last tick
     active_estimate: float | None = None
