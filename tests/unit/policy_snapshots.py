@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from memvisor.model import (
+    Backing,
     HostObservation,
     PowerState,
     SharingSample,
@@ -30,8 +31,17 @@ def vm(
     reserved_rate: float = 0.0,
     guest_paging: float = 0.0,
     time: float = 0.0,
+    backing: Backing = Backing.FILE,
 ) -> tuple[VMSpec, VMObservation]:
-    spec = VMSpec(name, memory, reservation=reservation, limit=limit, shares=shares, pool=pool)
+    spec = VMSpec(
+        name,
+        memory,
+        reservation=reservation,
+        limit=limit,
+        shares=shares,
+        pool=pool,
+        backing=backing,
+    )
     sample = None
     if freed_per_page is not None:
         sample = SharingSample(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from policy_snapshots import snapshot, vm
 
-from memvisor.model import SetBalloon, SetSwapTarget
+from memvisor.model import Backing, SetBalloon, SetSwapTarget
 from memvisor.policy.base import PoolInfo
 from memvisor.policy.scheduler import MemvisorScheduler, SchedulerSettings
 from memvisor.units import GiB, MiB
@@ -202,3 +202,33 @@ def test_free_target_sets_the_reclamation_goal() -> None:
     assert sum(balloons(low.plan(snapshot(vms, TOTAL, free))).values()) < sum(
         balloons(high.plan(snapshot(vms, TOTAL, free))).values()
     )
+
+
+def mixed_backings(**kw: object) -> list:
+    """vm0 and vm1 anonymous (no swap file, C4), vm2 and vm3 file-backed."""
+    out = four_vms(**kw)
+    for i in (0, 1):
+        out[i] = vm(f"vm{i}", 1536 * MiB, 1100 * MiB, backing=Backing.ANON, **kw)  # type: ignore[arg-type]
+    return out
+
+
+@pytest.mark.parametrize("free", [0.005, 0.015])  # LOW, HARD
+def test_anonymous_vms_are_never_swapped_file_backed_ones_swap_instead(free: float) -> None:
+    kw = {"active": 0.3, "balloon": 100 * MiB, "reserved_rate": 500.0}  # guests refuse more
+    sched = MemvisorScheduler()
+    out = sched.plan(snapshot(mixed_backings(**kw), TOTAL, int(free * TOTAL)))
+    s = swaps(out)
+    assert s and set(s) <= {"vm2", "vm3"}
+    assert "vm0" not in sched.swap_limit and "vm1" not in sched.swap_limit
+    # the same host with every VM file-backed swaps the anonymous ones too: the rule, not luck
+    everyone = MemvisorScheduler().plan(snapshot(four_vms(**kw), TOTAL, int(free * TOTAL)))
+    assert {"vm0", "vm1"} & set(swaps(everyone))
+
+
+def test_all_anonymous_host_in_low_only_balloons() -> None:
+    vms = [vm(f"a{i}", 1536 * MiB, 1100 * MiB, active=0.3, backing=Backing.ANON) for i in range(4)]
+    sched = MemvisorScheduler()
+    for t in range(5):
+        out = sched.plan(snapshot(vms, TOTAL, int(0.005 * TOTAL), time=float(t)))
+        assert not swaps(out)
+        assert balloons(out) or t > 0

@@ -149,3 +149,73 @@ def test_phases_count_from_the_hosts_start_not_the_clocks_origin() -> None:
         h.step()
         rates.append(h.vms[0].demand)
     assert rates == [100, 100, 900, 900]
+
+
+def test_swap_target_on_an_anonymous_vm_is_refused_like_the_qemu_backend() -> None:
+    from memvisor.model import Backing
+
+    wl = workload(footprint=96 * MiB, working_set=32 * MiB)
+    h = host(256 * MiB, [vm("anon", wl, swap_file=False), vm("file", wl)])
+    h.step()
+    specs = {s.name: s.backing for s in h.specs()}
+    assert specs == {"anon": Backing.ANON, "file": Backing.FILE}
+    before = h.observe_vms()[0]
+    r = h.apply(SetSwapTarget("anon", 32 * MiB))
+    # the QEMU backend's answer (backends/qemu/actions.py): not ok, naming the VM and why
+    assert not r.ok and r.achieved == 0
+    assert r.message == "anon: anonymous backing has no per-VM swap file; use the balloon"
+    h.step()
+    after = h.observe_vms()[0]
+    assert h.vms[0].resident_limit is None and after.swapped == before.swapped == 0
+    assert after.consumed >= before.consumed
+    assert h.apply(SetSwapTarget("file", 32 * MiB)).ok  # a file-backed VM takes it
+
+
+def test_scenario_backing_key_sets_the_swap_file() -> None:
+    from memvisor.backends.sim.scenario import parse_scenario
+    from memvisor.errors import ConfigError
+    from memvisor.model import Backing
+
+    data = {
+        "host": {"memory": "1GiB"},
+        "vms": {"a": {"memory": "256MiB", "backing": "anon"}, "f": {"memory": "256MiB"}},
+    }
+    sc = parse_scenario(data, "t.toml")
+    assert {v.name: v.swap_file for v in sc.vms} == {"a": False, "f": True}
+    h = SimHost(sc.host, sc.vms)
+    assert {s.name: s.backing for s in h.specs()} == {"a": Backing.ANON, "f": Backing.FILE}
+    data["vms"]["a"]["backing"] = "tmpfs"
+    with pytest.raises(ConfigError, match="vms.a.backing"):
+        parse_scenario(data, "t.toml")
+
+
+@pytest.mark.timeout(300)
+def test_scheduler_never_asks_an_anonymous_vm_to_swap() -> None:
+    """Anonymous VMs under pressure in HARD/LOW: the scheduler balloons them and swaps only
+    the file-backed VM; the simulator would refuse otherwise, so no action fails."""
+    from memvisor.model import Snapshot
+    from memvisor.policy import get_policy
+
+    busy = workload("busy", footprint=100 * MiB, working_set=90 * MiB, access_rate=20000)
+    idle = workload("idle", footprint=100 * MiB, working_set=4 * MiB, access_rate=100)
+    vms = [
+        vm("anon-busy", busy, swap_file=False),
+        vm("anon-idle", idle, swap_file=False),
+        vm("file-idle", idle),
+    ]
+    h = host(240 * MiB, vms, seed=3)
+    policy = get_policy("memvisor")
+    specs = tuple(h.specs())
+    swapped_file = refused = 0
+    for _ in range(40):
+        snap = Snapshot(h.observe_host(), specs, tuple(h.observe_vms()))
+        for d in policy.plan(snap):
+            r = h.apply(d.action)
+            refused += not r.ok
+            if isinstance(d.action, SetSwapTarget):
+                assert d.action.vm == "file-idle", d.reason
+                swapped_file += 1
+        h.step()
+        assert h.check() == []
+    assert refused == 0
+    assert swapped_file > 0  # the host reached HARD/LOW and swapped: the rule was exercised

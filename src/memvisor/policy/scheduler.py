@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from memvisor.errors import InputError
 from memvisor.model import (
+    Backing,
     Decision,
     HostState,
     SetBalloon,
@@ -275,7 +276,8 @@ class MemvisorScheduler:
     ) -> None:
         """Swap to the VMs' own files what the balloons do not cover. HARD: only from VMs whose
         guests stopped their balloon; LOW: from every victim in order, four times faster.
-        Never below the reservation or the entitlement."""
+        Never below the reservation or the entitlement. A VM with anonymous backing has no
+        swap file (C4): it is skipped and the next victim swaps instead."""
         low = t.state is HostState.LOW
         rate = self.settings.swap_rate * (4 if low else 1)
         gate = self.settings.soft_min_net_yield
@@ -283,6 +285,8 @@ class MemvisorScheduler:
             if left <= 0:
                 break
             if not low and c.name not in short:
+                continue
+            if by_name[c.name][0].backing is not Backing.FILE:
                 continue
             # hypervisor swap picks pages blind: a fraction f of them is working set
             if c.net_yield < (self.settings.low_min_net_yield if low else gate):
