@@ -185,7 +185,7 @@ def test_scenario_backing_key_sets_the_swap_file() -> None:
     h = SimHost(sc.host, sc.vms)
     assert {s.name: s.backing for s in h.specs()} == {"a": Backing.ANON, "f": Backing.FILE}
     data["vms"]["a"]["backing"] = "tmpfs"
-    with pytest.raises(ConfigError, match="vms.a.backing"):
+    with pytest.raises(ConfigError, match=r"vms\.a\.backing"):
         parse_scenario(data, "t.toml")
 
 
