@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from daemon_run import RunningDaemon, write_host_file
 
 from memvisor.backends.qemu.launcher import GuestShell, VMProcess
 from memvisor.cli import main as cli_main
@@ -218,6 +219,52 @@ def test_cli_inject_and_monitor(
     assert "calls done 3" in wait_job(gsh, "cli", "calls done")
     assert rc == 0 and lines[-1]["summary"]["hits"] == 3
     assert [h["syscall_arguments"][1] for h in lines[:-1]] == ["0x141e", "0x141f", "0x1420"]
+
+
+def hits_total(daemon: RunningDaemon) -> int:
+    for line in daemon.get("/metrics").text.splitlines():
+        if line.startswith("memvisor_introspection_hits_total "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no memvisor_introspection_hits_total in /metrics")
+
+
+@pytest.mark.timeout(300)
+def test_monitor_hits_reach_the_running_daemons_api(
+    vm: VMProcess, gsh: GuestShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``memvisor monitor`` records into the state directory's store while a daemon (simulator
+    backend) runs on it and writes it every tick; the daemon's API then lists the hits."""
+    state = tmp_path / "state"
+    common = ["--gdb-socket", str(vm.paths.gdb), "--kernel", str(find_kernel_tree().vmlinuz)]
+    monitor_cmd = [
+        "--state", str(state), "monitor", "vm", *common, "--symbol", "__x64_sys_getpriority",
+        "--duration", "120", "--json",
+    ]  # fmt: skip
+    with RunningDaemon(state, write_host_file(tmp_path)) as daemon:
+        daemon.wait_ready()
+        start_job(gsh, "rec", "sleep 8; python3 /opt/test/syscalls.py 3 7000")
+        assert cli_main([*monitor_cmd, "--count", "3"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert "calls done 3" in wait_job(gsh, "rec", "calls done")
+        assert lines[-1]["summary"]["record"]["recorded"] == 3
+        assert lines[-1]["summary"]["record"]["dropped"] == 0
+        daemon.wait_ticks(2)  # the daemon kept writing the same database
+        hits = daemon.get("/api/v1/hits?vm=vm").json()
+        assert [h["detail"]["syscall_arguments"][1] for h in hits] == ["0x1b5a", "0x1b59", "0x1b58"]
+        printed = {h["seq"]: h for h in lines[:-1]}
+        for h in hits:
+            assert h["vm"] == "vm" and h["symbol"] == "__x64_sys_getpriority"
+            assert h["address"] == printed[h["detail"]["seq"]]["address"]
+            assert h["vcpu"] == printed[h["detail"]["seq"]]["vcpu"]
+            assert h["detail"]["registers"]["rip"] == h["address"]
+        assert hits_total(daemon) == 3
+        start_job(gsh, "norec", "sleep 5; python3 /opt/test/syscalls.py 2 7100")
+        assert cli_main([*monitor_cmd, "--count", "2", "--no-record"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert lines[-1]["summary"]["hits"] == 2 and "record" not in lines[-1]["summary"]
+        assert "calls done 2" in wait_job(gsh, "norec", "calls done")
+        assert len(daemon.get("/api/v1/hits?vm=vm").json()) == 3 and hits_total(daemon) == 3
+        assert daemon.stop() == 0
 
 
 @pytest.mark.timeout(240)

@@ -8,6 +8,9 @@ through the VM's gdbstub, with no guest software involved.
 ``--gdb-socket PATH``. Symbols come from the guest kernel image (``--kernel``, default the
 guest kernel memvisor boots), cached under ``<state>/cache``. Ending the command (also with
 Ctrl-C or an error) detaches, which removes every breakpoint and resumes the VM.
+
+``monitor`` also records each hit in the state directory's record (``<state>/memvisor.db``,
+the daemon's store), so ``/api/v1/hits`` and the dashboard show them; ``--no-record`` does not.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from memvisor.errors import InputError
+from memvisor.introspect.hitlog import HitRecorder
 from memvisor.introspect.inject import ForcedCode, Injector, parse_arguments
 from memvisor.introspect.monitor import DEFAULT_MAX_RATE, Hit, Monitor, argument_filter
 from memvisor.introspect.monitor import detect_accelerator as _detect
 from memvisor.introspect.rsp import GdbClient
 from memvisor.introspect.symbols import KernelSymbols, find_kaslr_slide, load_symbols
 from memvisor.statedir import resolve_state_dir
+from memvisor.store import Store
 
 
 def vm_directory(args: argparse.Namespace) -> Path:
@@ -57,6 +62,18 @@ def kernel_image(args: argparse.Namespace) -> Path:
     from memvisor.guestimage import find_kernel_tree
 
     return find_kernel_tree().vmlinuz
+
+
+def vm_name(args: argparse.Namespace) -> str:
+    """The name hits are recorded under: the VM's record name for a VM directory, else VM."""
+    given = Path(args.vm)
+    if given.is_dir():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            name = json.loads((given / "vm.json").read_text()).get("name")
+            if isinstance(name, str) and name:
+                return name
+        return given.resolve().name
+    return str(args.vm)
 
 
 def _detach_on_sigterm() -> None:
@@ -108,6 +125,10 @@ def register(sub: Any) -> None:
         "--max-rate", type=float, default=DEFAULT_MAX_RATE,
         help="hits/s before the breakpoint is suspended for a second (overload protection)",
     )  # fmt: skip
+    mon.add_argument(
+        "--no-record", action="store_true",
+        help="do not record hits in the state directory's record (daemon API and dashboard)",
+    )  # fmt: skip
     mon.set_defaults(func=cmd_monitor)
 
     inj = sub.add_parser("inject", help="force a guest kernel function call and print rax (C6)")
@@ -151,7 +172,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         raise InputError(f"--count {args.count}: must be >= 1")
     filters = _filters(args.arg, syscall=False) + _filters(args.syscall_arg, syscall=True)
     monitor = open_monitor(args)
+    recorder = None
     try:
+        if not args.no_record:
+            recorder = HitRecorder(Store.open(resolve_state_dir(args.state)), vm_name(args))
         reg = monitor.watch_symbol(
             args.symbol,
             hit_filter=(lambda h: all(f(h) for f in filters)) if filters else None,
@@ -160,16 +184,24 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         monitor.run(
             duration=args.duration,
             until=(lambda: reg.hits >= args.count) if args.count else None,
-            on_hit=lambda h: _print_hit(h, args.json),
+            on_hit=lambda h: _on_hit(h, args.json, recorder),
         )
     except KeyboardInterrupt:
         pass
     finally:
-        monitor.client.close()
-    summary = reg.stats() if "reg" in locals() else {}
+        monitor.client.close()  # the guest runs again before we wait for the store
+    summary: dict[str, Any] = reg.stats() if "reg" in locals() else {}
+    if recorder is not None:
+        summary["record"] = recorder.close()
     print(json.dumps({"summary": summary}) if args.json else f"summary: {summary}",
           file=sys.stdout if args.json else sys.stderr)  # fmt: skip
     return 0
+
+
+def _on_hit(hit: Hit, as_json: bool, recorder: HitRecorder | None) -> None:
+    if recorder is not None:
+        recorder(hit)
+    _print_hit(hit, as_json)
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
