@@ -228,7 +228,9 @@ def _report(text: str, duration: int) -> str:
     return (
         "# Memory policies on the simulator\n\n"
         f"`bench/bench_policies.py`, {duration} simulated seconds per run, 1 s ticks, seed 7; "
-        "every policy runs the same scenario with the same seed. Throughput is page touches "
+        "every policy runs the same scenario with the same seed. The simulator charges host "
+        "kernel reclaim as on a real host (direct-reclaim stall, a shared 512 MiB/s swap disk, "
+        "stalls carried across ticks: docs/simulator.md). Throughput is page touches "
         "completed per second summed over all VMs; a VM's slowdown is the work its workload "
         "asked for divided by the work it completed over the run (1.00 = no slowdown); "
         "'host freed per reclaimed page' is host frames the policy's own actions freed per page "
