@@ -96,6 +96,9 @@ class VMObservation:
     active_fraction: float | None = None  # sampled working-set estimate, 0..1 of memory
     sharing: SharingSample | None = None
     throughput: float | None = None  # workload progress per second, where known (simulator)
+    # which mechanism holds ``ballooned``: "agent" (guest reservation program, C2),
+    # "virtio-balloon" (fallback or no agent), "" where not known (simulator)
+    reclaim_path: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,3 +180,4 @@ class ActionResult:
     ok: bool
     achieved: int = 0  # bytes really freed (or granted back), as measured
     message: str = ""
+    reclaim_path: str = ""  # for SetBalloon: "agent" or "virtio-balloon" (which one acted)

@@ -19,7 +19,15 @@ from memvisor.backends.qemu import hostmem
 from memvisor.backends.qemu.host import QemuHost
 from memvisor.backends.qemu.launcher import GuestShell
 from memvisor.guestimage import build_image
-from memvisor.model import Backing, PowerState, SetBalloon, SetKsm, SetSwapTarget, VMSpec
+from memvisor.model import (
+    Backing,
+    PowerState,
+    SetBalloon,
+    SetKsm,
+    SetSwapTarget,
+    VMObservation,
+    VMSpec,
+)
 from memvisor.sharing.sampler import sample_guest_ram
 from memvisor.units import PAGE_SIZE, MiB
 
@@ -88,13 +96,24 @@ def test_backend_satisfies_the_protocol_and_observes(host: QemuHost) -> None:
 
 
 def test_balloon_lowers_host_memory(host: QemuHost) -> None:
+    """Anonymous RAM with KSM off: the agent's reservation would free nothing, so
+    virtio-balloon acts (KSM settings are put back after)."""
+    saved = hostmem.ksm_stats()
+    host.apply(SetKsm(run=0))
+    try:
+        balloon_anon1(host)
+    finally:
+        host.apply(SetKsm(saved.run, saved.pages_to_scan, saved.sleep_millisecs))
+
+
+def balloon_anon1(host: QemuHost) -> None:
     with shell(host, "anon1") as sh:  # touch guest memory, then free it inside the guest
         sh.run("dd if=/dev/urandom of=/tmp/fill bs=1M count=96 2>/dev/null; rm /tmp/fill",
                check=True, timeout=120)  # fmt: skip
     before = host.observe_vm("anon1", sharing=False).consumed
     usage_before = cgroup_usage(host, "anon1")
     result = host.apply(SetBalloon("anon1", 128 * MiB))
-    assert result.ok, result.message
+    assert result.ok and result.reclaim_path == "virtio-balloon", result.message
     time.sleep(1)
     after = host.observe_vm("anon1", sharing=False)
     assert after.ballooned >= 120 * MiB
@@ -102,7 +121,8 @@ def test_balloon_lowers_host_memory(host: QemuHost) -> None:
     assert usage_before - cgroup_usage(host, "anon1") >= 64 * MiB, "cgroup charge did not drop"
     assert host.apply(SetBalloon("anon1", 128 * MiB)).achieved < 8 * MiB  # idempotent
     assert host.apply(SetBalloon("anon1", 0)).ok  # deflate: the KSM test needs the memory
-    assert host.observe_vm("anon1", sharing=False).ballooned < 4 * MiB
+    after = host.observe_vm("anon1", sharing=False)
+    assert after.ballooned < 4 * MiB and after.reclaim_path == "virtio-balloon"
 
 
 def test_swap_out_64mib_to_the_vms_own_file(host: QemuHost) -> None:
@@ -193,3 +213,67 @@ def test_ksm_merges_identical_pages_of_two_anonymous_vms(host: QemuHost) -> None
         assert obs.sharing is not None and obs.shared >= 0.8 * merged * 64 * MiB
     finally:
         host.apply(SetKsm(saved.run, saved.pages_to_scan, saved.sleep_millisecs))
+
+
+def wait_path(host: QemuHost, name: str, path: str, timeout: float) -> VMObservation:
+    deadline = time.monotonic() + timeout
+    obs = host.observe_vm(name, sharing=False)
+    while obs.reclaim_path != path and time.monotonic() < deadline:
+        time.sleep(1)
+        obs = host.observe_vm(name, sharing=False)
+    assert obs.reclaim_path == path, f"{name}: reclaimed by {obs.reclaim_path!r}, not {path}"
+    return obs
+
+
+STOP_MEMBUF = (  # the swap test's buffer program: the guest needs its memory back
+    "for p in $(pidof python3); do if grep -q membuf /proc/$p/cmdline; then kill $p; fi; done"
+)
+KILL_AGENT = (  # the agent and the restart loop /init runs it in (its parent)
+    "for p in $(pidof python3); do if grep -q memvisor.agent /proc/$p/cmdline; then "
+    "kill -9 $(awk '{print $4}' /proc/$p/stat) $p; fi; done"
+)
+
+
+def test_the_agent_reclaims_first_and_the_balloon_takes_over_when_it_dies(
+    host: QemuHost,
+) -> None:
+    """Last in the module: it kills filevm's agent. Host memory is the residency of the VM's
+    backing file (mincore), measured here independently of the backend."""
+    target = 96 * MiB
+    path = host.running("filevm").process.paths.memory
+    wait_path(host, "filevm", "agent", 120)
+    with shell(host, "filevm") as sh:  # back the guest's free frames on the host first
+        sh.run(STOP_MEMBUF, check=True)
+        sh.run("dd if=/dev/zero of=/dev/null bs=128M count=1", timeout=120, check=True)
+    res0 = int(hostmem.file_resident_pages(path).sum()) * PAGE_SIZE
+    result = host.apply(SetBalloon("filevm", target))
+    time.sleep(1.5)  # the session measures residency once a second
+    res1 = int(hostmem.file_resident_pages(path).sum()) * PAGE_SIZE
+    obs = host.observe_vm("filevm", sharing=False)
+    print(f"agent: {result.message}; backing file resident {res0 / MiB:.0f} -> "
+          f"{res1 / MiB:.0f} MiB; observed ballooned {obs.ballooned / MiB:.0f} MiB, guest "
+          f"MemAvailable {(obs.guest_free or 0) / MiB:.0f} MiB")  # fmt: skip
+    assert result.ok and result.reclaim_path == "agent", result.message
+    assert res0 - res1 >= 0.85 * target and result.achieved >= 0.85 * target
+    assert obs.reclaim_path == "agent" and obs.ballooned == target == obs.balloon_target
+    assert obs.guest_free is not None and obs.guest_free < 256 * MiB - target
+    assert host.running("filevm").record.reclaim_target == target  # in vm.json for a restart
+    actual0 = host.running("filevm").process.qmp().cmd("query-balloon")["actual"]
+    assert actual0 == 256 * MiB  # the balloon has not acted
+    with shell(host, "filevm") as sh:
+        sh.run(KILL_AGENT, check=True)
+    started = time.monotonic()
+    obs = wait_path(host, "filevm", "virtio-balloon", 90)
+    took = time.monotonic() - started
+    actual = 0
+    for _ in range(100):
+        actual = host.running("filevm").process.qmp().cmd("query-balloon")["actual"]
+        if actual <= 256 * MiB - target + 4 * MiB:
+            break
+        time.sleep(0.2)
+    obs = host.observe_vm("filevm", sharing=False)
+    print(f"agent killed: virtio-balloon took over after {took:.1f} s; balloon actual "
+          f"{actual / MiB:.0f} MiB, observed ballooned {obs.ballooned / MiB:.0f} MiB")  # fmt: skip
+    assert obs.reclaim_path == "virtio-balloon" and obs.ballooned >= target - 4 * MiB
+    result = host.apply(SetBalloon("filevm", 0))
+    assert result.reclaim_path == "virtio-balloon" and "agent lost" in result.message, result

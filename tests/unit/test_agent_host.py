@@ -316,10 +316,32 @@ def test_driver_falls_back_to_the_balloon_while_the_agent_is_lost() -> None:
     s.tick()
     driver.sync()
     assert s.state is AgentState.LOST and balloon.calls == [2 * MiB]
-    s.connected()
+    s.connected()  # a reconnect alone (the handshake may never come) keeps the balloon
+    clock.advance(60)
+    s.tick()
+    driver.sync()
+    assert s.state is AgentState.CONNECTING and balloon.calls == [2 * MiB]
     s.receive(line(p.Hello((1,), "test", 4096, "inst1", 0)))
     driver.sync()
-    assert balloon.calls == [2 * MiB, 0]
+    assert balloon.calls == [2 * MiB] and not driver.agent_acting
+    s.receive(line(p.Pages(None, "resync", (), (), reset=True)))
+    driver.sync()
+    assert driver.agent_acting and balloon.calls == [2 * MiB, 0]
+    assert s.target_pages == 512
+
+
+def test_a_reattached_driver_keeps_the_balloon_until_the_agent_resyncs() -> None:
+    clock = ManualClock(100.0)
+    s = AgentSession("vm1", RamLayout.pc(RAM), RecordingBacking(512), clock)
+    balloon = Balloon()
+    driver = ReservationDriver(s, balloon, balloon_bytes=4 * MiB)  # what QEMU reports
+    driver.set_target(4 * MiB)
+    assert balloon.calls == [] and s.target_pages == 1024
+    s.connected()
+    s.receive(line(p.Hello((1,), "test", 4096, "inst1", 0)))
+    s.receive(line(p.Pages(None, "resync", (), (), reset=True)))
+    driver.sync()
+    assert balloon.calls == [0] and driver.balloon_bytes == 0
 
 
 # --- the real backing: a file, fallocate punch-hole, mincore -------------------------------

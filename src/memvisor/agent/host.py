@@ -618,13 +618,29 @@ class BalloonControl(Protocol):
 class ReservationDriver:
     """Puts a VM's reservation target on its agent, or on virtio-balloon while it is lost.
 
-    Call :meth:`sync` after each session tick. When the agent comes back the balloon is
-    deflated and the agent takes the target again."""
+    Call :meth:`sync` after each session tick. Once the balloon has taken over it keeps the
+    target until the agent is back, handshaken and has re-reported its reservation (a
+    reconnect alone, ``connecting``, would otherwise deflate it for the whole handshake
+    timeout); then the balloon is deflated and the agent takes the target again.
+    ``balloon_bytes`` is what the balloon holds: a re-attaching manager passes what QEMU
+    reports."""
 
-    def __init__(self, session: AgentSession, balloon: BalloonControl) -> None:
+    def __init__(
+        self, session: AgentSession, balloon: BalloonControl, balloon_bytes: int = 0
+    ) -> None:
         self.session, self.balloon = session, balloon
         self.target = 0
-        self.balloon_bytes = 0
+        self.balloon_bytes = balloon_bytes
+        # The balloon holds the target even with a healthy agent (set where the agent's
+        # reservation would free nothing, e.g. anonymous RAM while KSM is off).
+        self.balloon_only = False
+
+    @property
+    def agent_acting(self) -> bool:
+        """The agent, not the balloon, holds the target."""
+        s = self.session
+        ok = s.state in (AgentState.READY, AgentState.DEGRADED) and s.synced
+        return ok and not self.balloon_only
 
     def set_target(self, nbytes: int) -> None:
         self.target = nbytes
@@ -632,7 +648,9 @@ class ReservationDriver:
 
     def sync(self) -> None:
         s = self.session
-        want = self.target if s.state is AgentState.LOST else 0
+        lost = s.state is AgentState.LOST
+        keep = self.balloon_only or (self.balloon_bytes and not self.agent_acting)
+        want = self.target if lost or keep else 0
         if want != self.balloon_bytes:
             if want:
                 log.warning(
@@ -644,4 +662,4 @@ class ReservationDriver:
             self.balloon.set_balloon(want)
             self.balloon_bytes = want
         if s.state is not AgentState.LOST:
-            s.set_target(self.target)
+            s.set_target(0 if self.balloon_only else self.target)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memvisor.backends.qemu import hostmem, swapout
+from memvisor.backends.qemu import agentwire, hostmem, swapout
 from memvisor.errors import BackendError, InputError
 from memvisor.model import ActionResult, Backing, SetBalloon, SetKsm, SetSwapTarget
 from memvisor.units import PAGE_SIZE, MiB, format_size
@@ -31,26 +31,78 @@ def consumed(host: QemuHost, vm: RunningVM) -> int:
 
 
 def set_balloon(host: QemuHost, vm: RunningVM, action: SetBalloon) -> ActionResult:
+    """The guest agent takes the target (C2); virtio-balloon only while the agent is lost or
+    absent. The result says which one acted and what the host measured freed."""
     spec = vm.spec
     ceiling = spec.memory - max(spec.reservation, MIN_GUEST)
     target = max(0, min(action.target, ceiling))
+    note = f" (clamped from {format_size(action.target)})" if target != action.target else ""
+    host.record_reclaim_target(vm, target)
+    agent = vm.agent
+    if agent is not None:
+        before = consumed(host, vm)
+        # Anonymous RAM is freed by KSM merging the agent's zero pages: without KSM the
+        # reservation frees nothing, so the balloon acts (and the agent gives its pages back).
+        balloon_only = spec.backing is Backing.ANON and hostmem.ksm_stats().run != 1
+        agentwire.set_target(agent, target, balloon_only=balloon_only)
+        if agent.path() == agentwire.AGENT:
+            return _agent_result(host, vm, action, target, before, note)
+    return _balloon(host, vm, action, target, note)
+
+
+def _agent_result(
+    host: QemuHost, vm: RunningVM, action: SetBalloon, target: int, before: int, note: str
+) -> ActionResult:
+    agent = vm.agent
+    assert agent is not None
+    s = agent.session
+    deadline = time.monotonic() + BALLOON_SETTLE
+    while time.monotonic() < deadline:  # one request at a time; wait for the agent's reply
+        with agent.link.lock:
+            if not s.busy and (s.agent_held == s.target_pages or s.is_lost()):
+                break
+        time.sleep(0.05)
+    after = consumed(host, vm)
+    with agent.link.lock:
+        report = s.report()
+    return ActionResult(
+        action,
+        ok=abs(report.held_present - report.target) <= 4 * MiB,
+        achieved=max(0, before - after),
+        message=(
+            f"{vm.spec.name}: guest agent holds {format_size(report.held_present)} of target "
+            f"{format_size(report.target)}{note}; guest RAM on host {format_size(before)} -> "
+            f"{format_size(after)}"
+        ),
+        reclaim_path=agentwire.AGENT,
+    )
+
+
+def _balloon(
+    host: QemuHost, vm: RunningVM, action: SetBalloon, target: int, note: str
+) -> ActionResult:
+    spec = vm.spec
+    why = "no guest agent" if vm.agent is None else f"agent {vm.agent.session.state.value}"
     qmp = vm.process.qmp()
     before, free_before = consumed(host, vm), hostmem.meminfo()["MemAvailable"]
     qmp.cmd("balloon", value=spec.memory - target)
     vm.balloon_target = target
+    if vm.agent is not None:  # the driver hands the target back to the agent once it is back
+        with vm.agent.link.lock:
+            vm.agent.driver.balloon_bytes = target
     actual = _wait_balloon(qmp, spec.memory - target)
     after, free_after = consumed(host, vm), hostmem.meminfo()["MemAvailable"]
     held = spec.memory - actual
-    note = f" (clamped from {format_size(action.target)})" if target != action.target else ""
     return ActionResult(
         action,
         ok=abs(held - target) <= 4 * MiB,
         achieved=max(0, before - after),
         message=(
-            f"{spec.name}: balloon holds {format_size(held)} of target {format_size(target)}"
-            f"{note}; guest RAM on host {format_size(before)} -> {format_size(after)}; host "
-            f"MemAvailable {free_after - free_before:+d} bytes"
+            f"{spec.name}: virtio-balloon ({why}) holds {format_size(held)} of target "
+            f"{format_size(target)}{note}; guest RAM on host {format_size(before)} -> "
+            f"{format_size(after)}; host MemAvailable {free_after - free_before:+d} bytes"
         ),
+        reclaim_path=agentwire.BALLOON,
     )
 
 

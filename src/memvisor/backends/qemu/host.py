@@ -27,7 +27,8 @@ from typing import Any
 
 from memvisor.backends.base import Clock, RealClock
 from memvisor.backends.qemu import accel as accel_mod
-from memvisor.backends.qemu import actions, hostmem, swapout, vmrecord
+from memvisor.backends.qemu import actions, agentwire, hostmem, probes, swapout, vmrecord
+from memvisor.backends.qemu.agentwire import VMAgent
 from memvisor.backends.qemu.cgroup import MemoryCgroup
 from memvisor.backends.qemu.launcher import (
     BALLOON_ID,
@@ -67,6 +68,7 @@ class RunningVM:
     refs_cleared_at: float | None = None
     last_stats: dict[str, Any] = field(default_factory=dict)
     last_stats_time: float | None = None
+    agent: VMAgent | None = None
 
     @property
     def spec(self) -> VMSpec:
@@ -131,6 +133,7 @@ class QemuHost:
         with contextlib.suppress(BackendError):
             actual = int(proc.qmp().cmd("query-balloon")["actual"])
             vm.balloon_target = max(0, record.spec.memory - actual)
+        vm.agent = agentwire.start(self, vm, record.reclaim_target, vm.balloon_target)
         return vm
 
     def image(self) -> GuestImage:
@@ -168,6 +171,7 @@ class QemuHost:
             record = record.with_(power=PowerState.ON)
             vm = RunningVM(record, proc, cg)
             self._start_stats_polling(vm)
+            vm.agent = agentwire.start(self, vm, 0, 0)
         except BaseException:
             if proc is not None:
                 proc.stop()
@@ -186,6 +190,8 @@ class QemuHost:
         if vm is None:
             raise NotFoundError(f"power-off {name}: no powered-on VM of that name")
         self._save(vm.record.with_(power=PowerState.STOPPING))
+        if vm.agent is not None:
+            vm.agent.close()
         vm.process.stop()
         if vm.cgroup is not None:
             vm.cgroup.remove()
@@ -211,6 +217,9 @@ class QemuHost:
     def close(self) -> None:
         """Drop QMP connections; VMs keep running (a later QemuHost re-attaches)."""
         for vm in self._running.values():
+            if vm.agent is not None:
+                vm.agent.close()
+                vm.agent = None
             vm.process.close_qmp()
 
     def records(self) -> list[VMRecord]:
@@ -233,6 +242,8 @@ class QemuHost:
         for name in crashed:
             vm = self._running.pop(name)
             code = vm.process.exit_code()
+            if vm.agent is not None:
+                vm.agent.close()
             vm.process.close_qmp()
             if vm.cgroup is not None:
                 vm.cgroup.remove()
@@ -252,6 +263,13 @@ class QemuHost:
         self._release(record.spec)
         self._save(record.with_(power=PowerState.CRASHED, pid=None, message=why))
         self.events.append(f"{record.spec.name}: crashed: {why}; swap file removed")
+
+    def record_reclaim_target(self, vm: RunningVM, target: int) -> None:
+        """Keep the reservation target in vm.json (a restarted manager gives it back to the
+        agent before its link starts)."""
+        if vm.record.reclaim_target != target:
+            vm.record = vm.record.with_(reclaim_target=target)
+            self._save(vm.record)
 
     def _save(self, record: VMRecord) -> None:
         self._records[record.spec.name] = record
@@ -300,9 +318,8 @@ class QemuHost:
         return out
 
     def observe_vm(self, name: str, *, sharing: bool = True) -> VMObservation:
-        from memvisor.backends.qemu import probes
-
-        obs = probes.observe(self, self.running(name), sharing=sharing)
+        vm = self.running(name)
+        obs = agentwire.refine(vm, probes.observe(self, vm, sharing=sharing))
         for refine in self.observers:
             obs = refine(obs)
         return obs

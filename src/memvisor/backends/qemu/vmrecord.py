@@ -33,6 +33,7 @@ class VMRecord:
     cgroup_path: str | None = None
     started: float | None = None  # wall-clock time of power-on
     message: str = ""
+    reclaim_target: int = 0  # bytes the agent (or balloon fallback) is asked to hold
 
     def with_(self, **changes: Any) -> VMRecord:
         return replace(self, **changes)
