@@ -52,6 +52,7 @@ from memvisor.model import (
     VMObservation,
     VMSpec,
 )
+from memvisor.sharing.sampler import Context
 
 SHARING_SAMPLES = 1000  # FACTS: within ~2 points of a full scan's shared fraction
 
@@ -69,6 +70,8 @@ class RunningVM:
     last_stats: dict[str, Any] = field(default_factory=dict)
     last_stats_time: float | None = None
     agent: VMAgent | None = None
+    sharing_ctx: Context | None = None  # memvisor.sharing sampling context, kept per VM
+    sharing_hva: int | None = None  # the RAM address it was opened for
 
     @property
     def spec(self) -> VMSpec:
@@ -192,6 +195,7 @@ class QemuHost:
         self._save(vm.record.with_(power=PowerState.STOPPING))
         if vm.agent is not None:
             vm.agent.close()
+        probes.close_sharing(vm)
         vm.process.stop()
         if vm.cgroup is not None:
             vm.cgroup.remove()
@@ -220,6 +224,7 @@ class QemuHost:
             if vm.agent is not None:
                 vm.agent.close()
                 vm.agent = None
+            probes.close_sharing(vm)
             vm.process.close_qmp()
 
     def records(self) -> list[VMRecord]:
@@ -244,6 +249,7 @@ class QemuHost:
             code = vm.process.exit_code()
             if vm.agent is not None:
                 vm.agent.close()
+            probes.close_sharing(vm)
             vm.process.close_qmp()
             if vm.cgroup is not None:
                 vm.cgroup.remove()
