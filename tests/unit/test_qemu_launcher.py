@@ -6,14 +6,22 @@ from __future__ import annotations
 import itertools
 import re
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
-from memvisor.backends.qemu.launcher import GuestShell, LaunchSpec, VMPaths, qemu_command
-from memvisor.errors import GuestError, InputError
-from memvisor.guestimage import AGENT_PORT_NAME, SHELL_PORT_NAME, GuestImage
+from memvisor.backends.qemu.launcher import (
+    GuestShell,
+    LaunchSpec,
+    VMPaths,
+    VMProcess,
+    qemu_command,
+    set_aside_console,
+)
+from memvisor.errors import BackendError, GuestError, InputError
+from memvisor.guestimage import AGENT_PORT_NAME, READY_MARKER, SHELL_PORT_NAME, GuestImage
 from memvisor.model import Backing
 from memvisor.units import MiB
 
@@ -93,3 +101,23 @@ def test_guest_shell_times_out_on_a_silent_guest(tmp_path: Path) -> None:
         with pytest.raises(GuestError, match="timed out"):
             sh.run("true", timeout=0.3)
         conn.close()
+
+
+def test_a_reused_directory_does_not_look_ready_from_its_old_console_log(tmp_path: Path) -> None:
+    """The previous guest's readiness line must not end wait_ready before the new guest
+    boots; the old log is kept beside it."""
+    paths = VMPaths(tmp_path)
+    paths.console.write_text(f"old boot\n{READY_MARKER} pid=1\n")
+    set_aside_console(paths)
+    assert not paths.console.exists()
+    assert READY_MARKER in (tmp_path / "console.prev.log").read_text()
+    proc = subprocess.Popen(["sleep", "30"])  # a live process standing in for QEMU
+    try:
+        vm = VMProcess(LaunchSpec("reused", 256 * MiB), paths, proc.pid, proc)
+        with pytest.raises(BackendError, match="not ready after"):
+            vm.wait_ready(timeout=0.5)
+        paths.console.write_text(f"{READY_MARKER} pid=2\n")  # the new guest's line
+        assert vm.wait_ready(timeout=5).endswith("pid=2")
+    finally:
+        proc.kill()
+        proc.wait()

@@ -275,6 +275,7 @@ class VMProcess:
         created_dir = not vm_dir.exists()
         vm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
+            set_aside_console(paths)
             if spec.backing is Backing.FILE:
                 swapfile.create(paths.memory, spec.memory, preallocate=spec.preallocate)
             popen = _spawn(qemu_command(spec, image, paths), paths, cgroup_procs)
@@ -357,6 +358,14 @@ class VMProcess:
         while pid_alive(self.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         return not pid_alive(self.pid)
+
+
+def set_aside_console(paths: VMPaths) -> None:
+    """Move a reused directory's console log to ``console.prev.log`` (kept for post-mortems):
+    its old readiness line would make :meth:`VMProcess.wait_ready` return before the new
+    guest has booted."""
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(paths.console, paths.root / "console.prev.log")
 
 
 def _spawn(cmd: list[str], paths: VMPaths, cgroup_procs: Path | None) -> subprocess.Popen[bytes]:
