@@ -88,7 +88,7 @@ def test_handshake_welcomes_with_the_backings_block() -> None:
     s.connected()
     s.receive(line(p.Hello((1, 2), "test", 4096, "i", 0)))
     assert s.state is AgentState.READY
-    assert sent(s) == [p.Welcome(1, 512, 1.0, 1.0)]
+    assert sent(s) == [p.Welcome(2, 512, 1.0, 1.0)]
     assert [e.kind for e in s.events] == ["transition"]
 
 

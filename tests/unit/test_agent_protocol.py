@@ -142,4 +142,5 @@ def test_compact_ranges_and_chunks() -> None:
 def test_age_buckets_and_versions() -> None:
     assert [p.age_bucket(a) for a in (0.0, 0.99, 1.0, 1.9, 2.0, 3.9, 1e9)] == [0, 0, 1, 1, 2, 2, 11]
     assert p.choose_version([1, 5]) == 1
-    assert p.choose_version([2, 3]) is None
+    assert p.choose_version([1, 2]) == 2
+    assert p.choose_version([3, 4]) is None

@@ -14,4 +14,5 @@ GUEST_MODULES: tuple[str, ...] = (
     "memvisor/agent/protocol.py",
     "memvisor/agent/reserve.py",
     "memvisor/agent/guest.py",
+    "memvisor/agent/workload.py",
 )

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from memvisor.agent import protocol as p
 from memvisor.agent.reserve import Reservation, ScanResult
+from memvisor.agent.workload import WorkloadRunner, check_request
 
 AGENT_NAME = "memvisor-agent/1"
 RATE_WINDOW = 10.0  # seconds over which the page-out rate is averaged
@@ -39,8 +40,11 @@ class Agent:
         send: Callable[[bytes], None],
         clock: Callable[[], float] = time.monotonic,
         read_file: Callable[[str], str] | None = None,
+        workload: WorkloadRunner | None = None,
     ) -> None:
         self.reservation = reservation
+        self.workload = workload or WorkloadRunner()
+        self.version = 0
         self.send = send
         self.clock = clock
         self.read_file = read_file or _read_text
@@ -84,6 +88,8 @@ class Agent:
         elif isinstance(msg, p.Query):
             self._resync(msg.id)
             self._done(msg.id, 0, 0)
+        elif isinstance(msg, (p.WorkloadStart, p.WorkloadStop, p.WorkloadQuery)):
+            self._workload(msg)
         else:
             self._done(msg.id, 0, 0)
 
@@ -97,6 +103,7 @@ class Agent:
             self.reservation.release_all()  # held blocks no longer fit the host's backing
         self.reservation.block_pages = msg.block_pages
         self.stats_interval, self.scan_interval = msg.stats_interval, msg.scan_interval
+        self.version = msg.version
         self.welcomed = True
         self._resync(None)
         if self._pending.paged_out or self._pending.moved:
@@ -121,6 +128,32 @@ class Agent:
             return
         self._send_pages(msg.id, "release", [], p.compact_ranges(pfns))
         self._done(msg.id, msg.pages, released)
+
+    def _workload(self, msg: p.WorkloadStart | p.WorkloadStop | p.WorkloadQuery) -> None:
+        if self.version < p.WORKLOAD_VERSION:
+            self._error(msg.id, "version", f"workloads need protocol {p.WORKLOAD_VERSION}")
+            return
+        refused = ""
+        if isinstance(msg, p.WorkloadStart):
+            available = _parse_meminfo(self.read_file("/proc/meminfo")).get("MemAvailable", 0)
+            refused = check_request(msg.kind, msg.size, msg.rate, msg.pattern, available) or ""
+            if not refused:
+                try:
+                    self.workload.start(msg.kind, msg.size, msg.rate, msg.pattern)
+                except OSError as exc:
+                    refused = f"cannot start: {exc}"
+        elif isinstance(msg, p.WorkloadStop):
+            self.workload.stop()
+        self._workload_status(msg.id, refused)
+
+    def _workload_status(self, re: int, refused: str) -> None:
+        w = self.workload
+        state = "refused" if refused else w.state()
+        status = p.WorkloadStatus(
+            re, w.kind, state, w.size, w.allocated, tuple(w.fills), tuple(w.touches),
+            _printable(refused or w.error),
+        )  # fmt: skip
+        self.send(p.encode(status))
 
     def _resync(self, re: int | None) -> None:
         held = self.reservation.held_ranges()

@@ -26,16 +26,18 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from memvisor.agent import protocol as p
 from memvisor.agent.backing import PageBacking, RamLayout, punchable_blocks
 from memvisor.backends.base import Clock
-from memvisor.errors import BackendError
+from memvisor.errors import BackendError, InputError
 
 log = logging.getLogger(__name__)
 PAGE = 4096
+WORKLOAD_GUEST_LEFT = 64 * 1024 * 1024  # a workload never asks for the guest's last 64 MiB
 
 
 class AgentState(enum.Enum):
@@ -197,6 +199,9 @@ class AgentSession:
         self._measured_at = -1e18
         self._resident = 0
         self._buckets = self._new_buckets(now)
+        self.version = 0  # negotiated at hello
+        self.workload: p.WorkloadStatus | None = None  # the guest's last workload answer
+        self._workload_pending: set[int] = set()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -246,6 +251,7 @@ class AgentSession:
         self._link_up, self._synced, self._skipping = True, False, False
         self._greeted = False
         self._inflight = None
+        self._workload_pending.clear()
         self._out.clear()
         self._inbuf.clear()
         self._buckets = self._new_buckets(now)
@@ -337,6 +343,8 @@ class AgentSession:
             self._guest_error(msg)
         elif isinstance(msg, p.PageOut):
             self._pageout(msg, now)
+        elif isinstance(msg, p.WorkloadStatus):
+            self._workload_status(msg)
         else:
             self._stats.append((now, msg))
             del self._stats[:-2]
@@ -353,6 +361,7 @@ class AgentSession:
             self._event("notice", "a new agent process: its old reservation is gone")
         self.agent_instance, self.agent_held = msg.instance, msg.held
         lim = self.limits
+        self.version = version
         welcome = p.Welcome(
             version, self.backing.block_pages, lim.stats_interval_s, lim.scan_interval_s
         )
@@ -473,6 +482,62 @@ class AgentSession:
                 f"{n} reserved pages paged out, ages {msg.age_min:.1f}.."
                 f"{msg.age_max:.1f} s (median {msg.age_median:.1f})",
             )
+
+    # --- workloads (protocol version 2) ----------------------------------------------------
+
+    def start_workload(self, kind: str, size: int, rate: int = 0, pattern: int = 0) -> int:
+        """Ask the agent to start the guest's workload; returns the request id. The answer
+        (:attr:`workload`) comes as a ``workload.status``. Bad arguments raise InputError and
+        send nothing."""
+        vm_bytes = self.layout.pages * PAGE
+        if kind not in p.WORKLOAD_KINDS:
+            raise InputError(f"workload kind {kind!r}: one of {list(p.WORKLOAD_KINDS)}")
+        if not 0 < size <= vm_bytes - WORKLOAD_GUEST_LEFT or size % PAGE:
+            raise InputError(
+                f"workload size {size}: a multiple of {PAGE} in (0, "
+                f"{vm_bytes - WORKLOAD_GUEST_LEFT}] (the VM's RAM less what the guest keeps)"
+            )
+        if not 0 <= rate <= p.MAX_WORKLOAD_RATE or (kind == "grow") != (rate > 0):
+            raise InputError(
+                f"workload rate {rate}: 1..{p.MAX_WORKLOAD_RATE} bytes/s for grow, 0 otherwise"
+            )
+        if not 0 <= pattern < 1 << 32:
+            raise InputError(f"workload pattern {pattern}: 0..{(1 << 32) - 1}")
+        return self._workload_request(lambda i: p.WorkloadStart(i, kind, size, rate, pattern))
+
+    def stop_workload(self) -> int:
+        return self._workload_request(p.WorkloadStop)
+
+    def query_workload(self) -> int:
+        return self._workload_request(p.WorkloadQuery)
+
+    def _workload_request(self, make: Callable[[int], p.HostMessage]) -> int:
+        if self.state not in (AgentState.READY, AgentState.DEGRADED) or not self._link_up:
+            raise BackendError(f"agent {self.vm}: not connected ({self.state.value})")
+        if self.version < p.WORKLOAD_VERSION:
+            raise BackendError(
+                f"agent {self.vm}: speaks protocol version {self.version}; workloads need "
+                f"{p.WORKLOAD_VERSION}"
+            )
+        if len(self._workload_pending) >= 8:
+            raise BackendError(f"agent {self.vm}: 8 workload requests unanswered")
+        rid = self._next_id
+        self._next_id = self._next_id % p.MAX_REQUEST_ID + 1
+        self._out += p.encode(make(rid))
+        self._workload_pending.add(rid)
+        return rid
+
+    def _workload_status(self, msg: p.WorkloadStatus) -> None:
+        if msg.re not in self._workload_pending:
+            raise _Violation("order", f"workload.status for request {msg.re}, not in flight")
+        vm_bytes = self.layout.pages * PAGE
+        if msg.size > vm_bytes or msg.allocated > msg.size:
+            raise _Violation("range", f"workload of {msg.allocated} of {msg.size} bytes")
+        self._workload_pending.discard(msg.re)
+        self.workload = msg
+
+    def workload_answered(self, rid: int) -> bool:
+        return rid not in self._workload_pending
 
     # --- control ----------------------------------------------------------------------------
 

@@ -20,7 +20,13 @@ from typing import Any, ClassVar
 
 from memvisor.errors import GuestError
 
-PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2)  # 2 adds the workload.* messages
+WORKLOAD_VERSION = 2  # the first version with workload.start / stop / status
+WORKLOAD_KINDS = ("idle", "grow", "shared-content")
+WORKLOAD_STATES = ("none", "running", "exited", "stopped", "refused")
+MAX_WORKLOAD_BYTES = 16 << 30
+MAX_WORKLOAD_RATE = 1 << 30  # bytes/s
+MAX_TIMINGS = 64  # fill / touch timings in one workload.status
 MAX_LINE_BYTES = 64 * 1024  # one message, newline included
 MAX_RANGES = 1024  # ranges per list in one message
 MAX_PFN = (1 << 40) - 1  # 4 PiB of guest RAM; pagemap PFNs have 55 bits
@@ -186,13 +192,67 @@ class Stats:
     vmstat: Mapping[str, int] = field(default_factory=dict)
 
 
-HostMessage = Welcome | Reserve | Release | Query | Ping | Greet
-GuestMessage = Hello | Pages | Done | Error | PageOut | Stats
+@dataclass(frozen=True, slots=True)
+class WorkloadStart:
+    """Host -> guest (version 2): start the guest's one workload (replacing a running one).
+    ``size`` bytes, a multiple of 4096; ``rate`` bytes/s for ``grow`` (0 for the others);
+    ``pattern`` seeds ``shared-content`` (equal patterns give identical pages in every guest)."""
+
+    TYPE: ClassVar[str] = "workload.start"
+    id: int
+    kind: str
+    size: int
+    rate: int = 0
+    pattern: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadStop:
+    TYPE: ClassVar[str] = "workload.stop"
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadQuery:
+    TYPE: ClassVar[str] = "workload.query"
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadStatus:
+    """Guest -> host (version 2): answer to every workload request."""
+
+    TYPE: ClassVar[str] = "workload.status"
+    re: int
+    kind: str  # a WORKLOAD_KINDS value or "none"
+    state: str  # WORKLOAD_STATES
+    size: int
+    allocated: int  # bytes filled so far
+    fills: tuple[float, ...] = ()  # seconds per fill step, the last MAX_TIMINGS
+    touches: tuple[float, ...] = ()  # seconds per pass over the memory (grow)
+    error: str = ""
+
+
+_WORKLOAD_HOST = (WorkloadStart, WorkloadStop, WorkloadQuery)
+HostMessage = (
+    Welcome
+    | Reserve
+    | Release
+    | Query
+    | Ping
+    | Greet
+    | WorkloadStart
+    | WorkloadStop
+    | WorkloadQuery
+)
+GuestMessage = Hello | Pages | Done | Error | PageOut | Stats | WorkloadStatus
 Message = HostMessage | GuestMessage
 HOST_TYPES: dict[str, type[Any]] = {
-    m.TYPE: m for m in (Welcome, Reserve, Release, Query, Ping, Greet)
+    m.TYPE: m for m in (Welcome, Reserve, Release, Query, Ping, Greet, *_WORKLOAD_HOST)
 }
-GUEST_TYPES: dict[str, type[Any]] = {m.TYPE: m for m in (Hello, Pages, Done, Error, PageOut, Stats)}
+GUEST_TYPES: dict[str, type[Any]] = {
+    m.TYPE: m for m in (Hello, Pages, Done, Error, PageOut, Stats, WorkloadStatus)
+}
 
 
 _ALL_TYPES = {**HOST_TYPES, **GUEST_TYPES}
@@ -261,6 +321,29 @@ def _int_list(lo: int, hi: int, min_len: int, max_len: int) -> Check:
         if type(v) is not list or not min_len <= len(v) <= max_len:
             raise ProtocolError("type", f"{name}: expected a list of {min_len}..{max_len} ints")
         return tuple(item(f"{name}[{i}]", x) for i, x in enumerate(v))
+
+    return check
+
+
+def _float_list(lo: float, hi: float, max_len: int) -> Check:
+    item = _float(lo, hi)
+
+    def check(name: str, v: object) -> object:
+        if type(v) is not list or len(v) > max_len:
+            raise ProtocolError("type", f"{name}: expected a list of at most {max_len} numbers")
+        return tuple(item(f"{name}[{i}]", x) for i, x in enumerate(v))
+
+    return check
+
+
+def _page_multiple(lo: int, hi: int) -> Check:
+    inner = _int(lo, hi)
+
+    def check(name: str, v: object) -> object:
+        inner(name, v)
+        if v % 4096:  # type: ignore[operator]
+            raise ProtocolError("range", f"{name}: {v} is not a multiple of 4096")
+        return v
 
     return check
 
@@ -344,6 +427,25 @@ _SCHEMAS: dict[type[Any], dict[str, Check]] = {
         "age_median": _float(0.0, 1e10),
         "age_max": _float(0.0, 1e10),
         "age_hist": _int_list(0, MAX_PAGES, AGE_BUCKETS, AGE_BUCKETS),
+    },
+    WorkloadStart: {
+        "id": _ID,
+        "kind": _word(*WORKLOAD_KINDS),
+        "size": _page_multiple(4096, MAX_WORKLOAD_BYTES),
+        "rate": _int(0, MAX_WORKLOAD_RATE),
+        "pattern": _int(0, (1 << 32) - 1),
+    },
+    WorkloadStop: {"id": _ID},
+    WorkloadQuery: {"id": _ID},
+    WorkloadStatus: {
+        "re": _ID,
+        "kind": _word("none", *WORKLOAD_KINDS),
+        "state": _word(*WORKLOAD_STATES),
+        "size": _int(0, MAX_WORKLOAD_BYTES),
+        "allocated": _int(0, MAX_WORKLOAD_BYTES),
+        "fills": _float_list(0.0, 1e6, MAX_TIMINGS),
+        "touches": _float_list(0.0, 1e6, MAX_TIMINGS),
+        "error": _text,
     },
     Stats: {
         "seq": _int(0, (1 << 63) - 1),
