@@ -60,6 +60,7 @@ FREED_TOLERANCE = 16 * MiB  # how much less than the measured drop a swap-out ma
 REFAULT_TOLERANCE = 64 * MiB  # how much more: what the guest faulted back meanwhile
 CHUNK = 2 * MiB  # swap-out works in 2 MiB chunks (page-cache folios)
 SETTLE = 10.0  # seconds of backend time for a change to finish (balloon, guest statistics)
+FREE_SETTLE = 20.0  # seconds for the host to get a held balloon's memory back
 
 
 @pytest.fixture(
@@ -161,18 +162,27 @@ def test_balloon_frees_host_memory_and_deflating_gives_it_back_to_the_guest(
 
 
 def check_inflate_and_deflate(backend: Harness, vm: str, before: VMObservation) -> None:
-    result, inflated = inflate(backend, vm, BALLOON)
+    result, held = inflate(backend, vm, BALLOON)
+    # the host gets the memory back at once (virtio-balloon, the agent punching its pages out
+    # of a file) or as fast as KSM merges the agent's zero pages (anonymous RAM, KSM on)
+    inflated = backend.eventually(
+        lambda: backend.vm(vm),
+        lambda o: before.consumed - o.consumed >= BALLOON - BALLOON_FREE_TOLERANCE,
+        FREE_SETTLE,
+    )
     drop = before.consumed - inflated.consumed
     say(
         backend,
         f"{vm} balloon {format_size(BALLOON)}: consumed {format_size(before.consumed)} -> "
-        f"{format_size(inflated.consumed)} (drop {format_size(drop)}), achieved "
-        f"{format_size(result.achieved)}, ballooned {format_size(inflated.ballooned)}",
+        f"{format_size(inflated.consumed)} (drop {format_size(drop)}, "
+        f"{inflated.time - held.time:.1f} s after it was held), achieved "
+        f"{format_size(result.achieved)}, ballooned {format_size(inflated.ballooned)}; "
+        f"{result.message}",
     )
     assert inflated.balloon_target == BALLOON
     assert abs(inflated.ballooned - BALLOON) <= BALLOON_HELD_TOLERANCE, inflated
     assert abs(drop - BALLOON) <= BALLOON_FREE_TOLERANCE, result.message
-    assert abs(result.achieved - drop) <= BALLOON_FREE_TOLERANCE, result.message
+    assert 0 <= result.achieved <= drop + BALLOON_FREE_TOLERANCE, result.message
     backend.settle(backend.stats_delay)
     guest_free = backend.vm(vm).guest_free
     assert guest_free is not None, "the guest never reported its free memory"
@@ -334,8 +344,6 @@ QEMU_KNOWN_DEVIATIONS = {
     "and swaps down to it (ok)",
     "balloon-above-memory": "QemuHost clamps to memory - max(reservation, 64 MiB) and inflates",
     "balloon-into-reservation": "QemuHost clamps to memory - max(reservation, 64 MiB) and inflates",
-    f"balloon-{FILE_VM}": "file backing (preallocated): the balloon punches 4 KiB holes at "
-    "~1-3 MiB/s; apply returns holding a fraction of the target (ok=False)",
     "standing-swap-limit": "QemuHost evicts once; the guest's next touches bring pages back "
     "(2 MiB folios) and nothing keeps the limit",
 }
