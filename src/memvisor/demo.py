@@ -7,9 +7,10 @@ the same as the idle guest's — and shows the daemon at work: a live terminal v
 dashboard URL. After ``--duration`` seconds (or Ctrl-C) it stops the daemon and writes an HTML
 report (:mod:`memvisor.demoreport`) from what the daemon recorded.
 
-The workloads run through each guest's shell port (a busybox shell on a virtio-serial port):
-the agent's protocol only reserves and releases memory. The growing workload times how long
-each chunk of memory takes to fill, which is the slowdown the report shows.
+The workloads are started through each guest's agent (protocol v2 ``workload.start``, see
+docs/protocol.md); the guest shell port is for tests only. The growing workload times how long
+each chunk of memory takes to fill and each pass over its memory, which is the slowdown the
+report shows (read back with ``workload.query``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
@@ -31,7 +32,10 @@ from memvisor.daemon import Daemon, DaemonOptions
 from memvisor.demoreport import write_report
 from memvisor.errors import BackendError, MemvisorError
 from memvisor.store import Store
-from memvisor.units import format_size
+from memvisor.units import MiB, format_size
+
+if TYPE_CHECKING:
+    from memvisor.backends.qemu.host import QemuHost
 
 DEMO_VMS = ("idle", "grow", "share")
 KSM_DIR = Path("/sys/kernel/mm/ksm")
@@ -62,25 +66,15 @@ interval = 1.0
 listen = "{listen}"
 """
 
-# Guest programs (Python in the guest image). Same seed -> same bytes: KSM can merge them.
-SHARED_CONTENT = (
-    "import time\n"
-    "buf=bytearray(b''.join(i.to_bytes(4,'little')*1024 for i in range({pages})))\n"
-    "open('/tmp/ready','w').write('ok')\n"
-    "while True: time.sleep(60)\n"
-)
-GROWING = (
-    "import os,time\n"
-    "chunks=[]; log=open('/tmp/progress','w')\n"
-    "for i in range({steps}):\n"
-    "    t=time.monotonic(); c=bytearray(os.urandom({chunk}))\n"
-    "    chunks.append(c); log.write(f'{{i}} {{time.monotonic()-t:.4f}}\\n'); log.flush()\n"
-    "    time.sleep(1)\n"
-    "while True:\n"
-    "    t=time.monotonic()\n"
-    "    for c in chunks: c[::4096]=bytes(len(c[::4096]))\n"
-    "    log.write(f'touch {{time.monotonic()-t:.4f}}\\n'); log.flush(); time.sleep(1)\n"
-)
+# Workloads started through each guest's agent (protocol v2 workload.start): the idle guest
+# fills 96 MiB once and leaves it; the share guest holds the same 96 MiB of content (same
+# pattern: KSM can merge them); the grow guest adds 6 MiB/s up to 240 MiB and touches it all.
+PATTERN = 0x6D656D76
+WORKLOADS = {
+    "idle": ("idle", 96 * MiB, 0, PATTERN),
+    "share": ("shared-content", 96 * MiB, 0, PATTERN),
+    "grow": ("grow", 240 * MiB, 6 * MiB, 0),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,21 +122,14 @@ class KsmForDemo:
                     (KSM_DIR / k).write_text(self.saved[k])
 
 
-def start_workloads(state_dir: Path, console: Console) -> None:
-    """Start each guest's workload through its shell port (QEMU backend)."""
-    from memvisor.backends.qemu.launcher import GuestShell, VMPaths
-    from memvisor.backends.qemu.vmrecord import vm_dir
-
-    programs = {
-        "idle": SHARED_CONTENT.format(pages=24576),  # 96 MiB, then idle
-        "share": SHARED_CONTENT.format(pages=24576),  # the same 96 MiB as idle
-        "grow": GROWING.format(steps=40, chunk=6 * 2**20),  # +6 MiB/s up to 240 MiB
-    }
-    for name, program in programs.items():
-        shell = GuestShell(VMPaths(vm_dir(state_dir, name)).shell)
-        shell.run(f"cat > /tmp/work.py <<'EOF'\n{program}EOF", check=True)
-        shell.run("python3 /tmp/work.py >/tmp/work.log 2>&1 &", check=True)
-        console.print(f"[dim]workload started in {name}[/]")
+def start_workloads(qemu: QemuHost, console: Console) -> None:
+    """Start each guest's workload through its agent (QEMU backend)."""
+    for name, (kind, size, rate, pattern) in WORKLOADS.items():
+        status = qemu.start_workload(name, kind, size, rate, pattern)
+        if status.state != "running":
+            raise BackendError(f"{name}: the guest refused the {kind} workload: {status.error}")
+        console.print(f"[dim]workload started in {name} through its agent: {kind}, "
+                      f"{format_size(size)}[/]")  # fmt: skip
 
 
 def live_table(store: Store) -> Table:
@@ -177,17 +164,19 @@ def show_live(store: Store, stop: threading.Event, console: Console, live: bool)
                   f"{format_size(host['free'])}", flush=True)  # fmt: skip
 
 
-def guest_slowdown(state_dir: Path) -> dict[str, Any]:
-    """The growing workload's own timings, read from the guest at the end."""
-    from memvisor.backends.qemu.launcher import GuestShell, VMPaths
-    from memvisor.backends.qemu.vmrecord import vm_dir
+def guest_slowdown(qemu: QemuHost) -> dict[str, Any]:
+    """The growing workload's own timings (fill steps, passes over its memory), from its
+    agent's ``workload.status``."""
+    status = qemu.workload_status("grow")
+    return {"fills": list(status.fills), "touches": list(status.touches)}
 
-    text = GuestShell(VMPaths(vm_dir(state_dir, "grow")).shell).run("cat /tmp/progress").output
-    fills = [float(p[1]) for p in (line.split() for line in text.splitlines())
-             if len(p) == 2 and p[0].isdigit()]  # fmt: skip
-    touches = [float(p[1]) for p in (line.split() for line in text.splitlines())
-               if len(p) == 2 and p[0] == "touch"]  # fmt: skip
-    return {"fills": fills, "touches": touches}
+
+def qemu_of(daemon: Daemon) -> QemuHost:
+    from memvisor.hostbackends import QemuManagedHost
+
+    if not isinstance(daemon.host, QemuManagedHost):
+        raise BackendError("the demo's workloads need the QEMU backend")
+    return daemon.host.qemu
 
 
 def run_demo(state_dir: Path, options: DemoOptions) -> int:
@@ -211,7 +200,7 @@ def run_demo(state_dir: Path, options: DemoOptions) -> int:
                       f"budget ({options.backend}); {options.duration:.0f} s")  # fmt: skip
         console.print(f"dashboard: {d.url}/#token={read_token(state_dir)}")
         if options.backend == "qemu":
-            start_workloads(state_dir, console)
+            start_workloads(qemu_of(d), console)
         threading.Thread(
             target=show_live, args=(Store.open(state_dir), stop_view, console, options.live),
             daemon=True,
@@ -220,7 +209,7 @@ def run_demo(state_dir: Path, options: DemoOptions) -> int:
     def before_stop() -> None:
         if options.backend == "qemu":
             with contextlib.suppress(MemvisorError, OSError):
-                extra["slowdown"] = guest_slowdown(state_dir)
+                extra["slowdown"] = guest_slowdown(qemu_of(daemon))
 
     daemon.before_stop = before_stop
     with KsmForDemo() if options.backend == "qemu" else contextlib.nullcontext():

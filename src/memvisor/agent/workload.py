@@ -6,8 +6,9 @@ guest's OOM killer or a crash takes the workload, never the agent), reads the ch
 lines without blocking and answers status. The child (:func:`main`) allocates anonymous memory
 and touches it by kind:
 
-- ``idle``: fills ``size`` bytes once with data unique to this guest, then never touches it
-  (memory a guest holds but does not use: what reclamation should take);
+- ``idle``: fills ``size`` bytes once, then never touches it (memory a guest holds but does
+  not use: what reclamation should take); with data unique to this guest, or with ``PATTERN``'s
+  content when it is not 0;
 - ``grow``: fills ``rate`` bytes a second up to ``size`` and touches every allocated page once
   a second, timing each fill step and each pass (the slowdown when memory is reclaimed);
 - ``shared-content``: fills ``size`` bytes with a pattern computed from ``PATTERN`` alone, so
@@ -146,8 +147,10 @@ def _fill(buf: mmap.mmap, start: int, end: int, tag: bytes) -> None:
 
 def run_child(kind: str, size: int, rate: int, pattern: int) -> None:
     buf = mmap.mmap(-1, size)
-    # shared-content: the same bytes in every guest given this pattern; else unique here
-    tag = pattern.to_bytes(8, "little") if kind == "shared-content" else secrets.token_bytes(8)
+    # the same bytes in every guest given this pattern (shared-content, or any kind with a
+    # non-zero pattern); else unique to this guest
+    shared = kind == "shared-content" or pattern != 0
+    tag = pattern.to_bytes(8, "little") if shared else secrets.token_bytes(8)
     if kind != "grow":
         t = time.monotonic()
         _fill(buf, 0, size, tag)

@@ -17,10 +17,33 @@ def register(sub: Sub) -> None:
     p = sub.add_parser(
         "demo", help="three guests overcommitted on a budget; memvisor reclaiming, live"
     )
-    p.add_argument("--backend", choices=("qemu", "sim"), default="qemu")
-    p.add_argument("--duration", type=float, default=120.0, help="seconds (default 120)")
-    p.add_argument("--report", type=Path, default=Path("memvisor-demo.html"))
-    p.add_argument("--listen", default="127.0.0.1:8765", metavar="HOST:PORT")
+    p.add_argument(
+        "--backend",
+        choices=("qemu", "sim"),
+        default="qemu",
+        help="qemu: three real guests under TCG (needs QEMU, the guest kernel and root); "
+        "sim: the same host on the simulator (default qemu)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=120.0,
+        help="seconds the daemon runs after the guests are up, then the report is written "
+        "(default 120; Ctrl-C ends it early)",
+    )
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=Path("memvisor-demo.html"),
+        help="where to write the HTML report with plots and the summary table "
+        "(default memvisor-demo.html)",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8765",
+        metavar="HOST:PORT",
+        help="address of the dashboard and HTTP API while the demo runs (default 127.0.0.1:8765)",
+    )
     p.set_defaults(func=cmd_demo)
 
 

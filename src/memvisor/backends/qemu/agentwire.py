@@ -14,13 +14,16 @@ session *before* the link starts, so the agent's re-report is kept, not released
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from memvisor.agent.backing import AnonKsmBacking, FileBacking, RamLayout
-from memvisor.agent.host import AgentSession, ReservationDriver, observation_fields
+from memvisor.agent.host import AgentSession, AgentState, ReservationDriver, observation_fields
 from memvisor.agent.link import AgentLink
-from memvisor.errors import MemvisorError
+from memvisor.agent.protocol import WorkloadStatus
+from memvisor.errors import BackendError, MemvisorError
 from memvisor.model import Backing, VMObservation
 
 if TYPE_CHECKING:
@@ -105,3 +108,24 @@ def refine(vm: RunningVM, obs: VMObservation) -> VMObservation:
     fields = observation_fields(report)
     fields["guest_free"] = guest_free
     return replace(obs, **fields, reclaim_path=AGENT)  # type: ignore[arg-type]
+
+
+def run_workload_request(
+    agent: VMAgent, send: Callable[[AgentSession], int], timeout: float = 60.0
+) -> WorkloadStatus:
+    """Send a workload request once the agent is up; wait for its ``workload.status``."""
+    deadline = time.monotonic() + timeout
+    rid: int | None = None
+    while time.monotonic() < deadline:
+        with agent.link.lock:
+            s = agent.session
+            if rid is None and s.state in (AgentState.READY, AgentState.DEGRADED) and s.synced:
+                rid = send(s)
+            elif rid is not None and s.workload_answered(rid) and s.workload is not None:
+                if s.workload.re == rid:
+                    return s.workload
+                raise BackendError(f"agent {s.vm}: workload request {rid} got no answer")
+        time.sleep(0.1)
+    state = agent.session.state.value
+    raise BackendError(f"agent {agent.session.vm}: no workload answer within {timeout:.0f} s "
+                       f"(agent {state})")  # fmt: skip

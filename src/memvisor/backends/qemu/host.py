@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from memvisor.agent.protocol import WorkloadStatus
 from memvisor.backends.base import Clock, RealClock
 from memvisor.backends.qemu import accel as accel_mod
 from memvisor.backends.qemu import actions, agentwire, hostmem, probes, swapout, vmrecord
@@ -348,6 +349,25 @@ class QemuHost:
             raise InputError(f"{name}: only file-backed VMs have a swap file")
         spans = [s for gpa, n in gpa_ranges for s in swapout.pc_file_spans(gpa, n, vm.spec.memory)]
         return actions.swap_out_ranges(self, vm, spans)
+
+    def start_workload(
+        self, name: str, kind: str, size: int, rate: int = 0, pattern: int = 0
+    ) -> WorkloadStatus:
+        """Start a workload in the guest through its agent (protocol v2; see docs/protocol.md)
+        and return the guest's answer (state ``running``, or ``refused`` with the reason)."""
+        agent = self._agent(name)
+        return agentwire.run_workload_request(
+            agent, lambda s: s.start_workload(kind, size, rate, pattern)
+        )
+
+    def workload_status(self, name: str) -> WorkloadStatus:
+        return agentwire.run_workload_request(self._agent(name), lambda s: s.query_workload())
+
+    def _agent(self, name: str) -> VMAgent:
+        agent = self.running(name).agent
+        if agent is None:
+            raise BackendError(f"VM {name}: no guest agent (see the backend's events)")
+        return agent
 
     def apply(self, action: Action) -> ActionResult:
         if isinstance(action, SetBalloon):
