@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import numpy.typing as npt
+
 from memvisor.backends.qemu import agentwire, hostmem, swapout
 from memvisor.errors import BackendError, InputError
 from memvisor.model import ActionResult, Backing, SetBalloon, SetKsm, SetSwapTarget
@@ -140,7 +143,7 @@ def set_swap_target(host: QemuHost, vm: RunningVM, action: SetSwapTarget) -> Act
             ),
         )
     chunks = swapout.choose_chunks(resident, before - floor, cap=before - spec.reservation)
-    return _page_out(host, vm, action, chunks, before)
+    return _page_out(host, vm, action, chunks, resident)
 
 
 def swap_out_ranges(host: QemuHost, vm: RunningVM, ranges: list[tuple[int, int]]) -> ActionResult:
@@ -158,7 +161,7 @@ def swap_out_ranges(host: QemuHost, vm: RunningVM, ranges: list[tuple[int, int]]
             f"reservation {format_size(vm.spec.reservation)} resident"
         )
     action = SetSwapTarget(vm.spec.name, before - evictable)
-    return _page_out(host, vm, action, chunks, before)
+    return _page_out(host, vm, action, chunks, resident)
 
 
 def _page_out(
@@ -166,8 +169,9 @@ def _page_out(
     vm: RunningVM,
     action: SetSwapTarget,
     chunks: list[tuple[int, int]],
-    before: int,
+    resident: npt.NDArray[np.bool_],
 ) -> ActionResult:
+    before = int(resident.sum()) * PAGE_SIZE
     path = vm.process.paths.memory
     base = _file_mapping_base(vm.process.pid, path)
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -177,17 +181,32 @@ def _page_out(
     finally:
         os.close(fd)
     seconds = time.perf_counter() - start
-    after = int(hostmem.file_resident_pages(path).sum()) * PAGE_SIZE
+    after_map = hostmem.file_resident_pages(path)
+    after = int(after_map.sum()) * PAGE_SIZE
     freed = max(0, before - after)
+    # Why the net drop can be less than the chunks: pages in the (2 MiB-widened) chunks that
+    # were not resident, chunk pages the guest faulted back at once, and pages the running
+    # guest faulted in elsewhere meanwhile. Each is measured and said.
+    chunks_before = _resident_in(resident, chunks)
+    chunks_after = _resident_in(after_map, chunks)
+    elsewhere = (after - chunks_after) - (before - chunks_before)
     return ActionResult(
         action,
         ok=True,
         achieved=freed,
         message=(
             f"{vm.spec.name}: wrote back and evicted {format_size(sum(n for _, n in chunks))} in"
-            f" {seconds:.2f} s;"
-            f" resident {format_size(before)} -> {format_size(after)} (freed {format_size(freed)})"
+            f" {seconds:.2f} s ({format_size(chunks_before)} of it resident, "
+            f"{format_size(chunks_after)} resident again after); elsewhere in the guest "
+            f"{elsewhere / MiB:+.1f} MiB; resident {format_size(before)} -> "
+            f"{format_size(after)} (freed {format_size(freed)})"
         ),
+    )
+
+
+def _resident_in(resident: npt.NDArray[np.bool_], chunks: list[tuple[int, int]]) -> int:
+    return PAGE_SIZE * sum(
+        int(resident[o // PAGE_SIZE : (o + n) // PAGE_SIZE].sum()) for o, n in chunks
     )
 
 
