@@ -105,10 +105,12 @@ def sim_fill(host: SimHost, name: str) -> None:
 
 # Allocates and writes all of the guest's free memory but the margin, then exits (freeing it):
 # the guest's free pages are then backed on the host, as on any guest that has been running.
+# Every page differs (its offset in its first bytes), so KSM, if it runs, merges none of them.
 FILL_PROGRAM = (
     "import re; t = open('/proc/meminfo').read(); "
     "free = int(re.search(r'MemFree: +(\\d+)', t).group(1)) * 1024; "
-    f"n = max(0, free - {FILL_MARGIN}); b = bytearray(b'\\xa5') * n; print(n)"
+    f"n = max(0, free - {FILL_MARGIN}); b = bytearray(b'\\xa5') * n; "
+    "exec('for i in range(0, n, 4096): b[i:i + 8] = i.to_bytes(8, \\'little\\')'); print(n)"
 )
 
 
