@@ -697,7 +697,8 @@ class ReservationDriver:
         self.target = 0
         self.balloon_bytes = balloon_bytes
         # The balloon holds the target even with a healthy agent (set where the agent's
-        # reservation would free nothing, e.g. anonymous RAM while KSM is off).
+        # reservation would free nothing, e.g. anonymous RAM while KSM is off, or where the
+        # balloon already held memory when the manager re-attached).
         self.balloon_only = False
 
     @property

@@ -78,9 +78,13 @@ def start(host: QemuHost, vm: RunningVM, target: int, balloon_bytes: int) -> VMA
         return None
     session = AgentSession(name, layout, backing, host.clock)
     driver = ReservationDriver(session, QmpBalloon(vm), balloon_bytes)
+    if balloon_bytes > 0:
+        # The balloon holds memory (a fallback before the restart, or set behind our back):
+        # it stays with the balloon, intact and accounted, until the next SetBalloon.
+        driver.balloon_only, target = True, balloon_bytes
     # Before the link starts: the agent's re-report must meet the recorded target, not 0.
     driver.target = target
-    session.set_target(target)
+    session.set_target(0 if driver.balloon_only else target)
     link = AgentLink(session, str(vm.process.paths.agent))
     link.start()
     return VMAgent(session, link, driver, backing)
