@@ -265,6 +265,28 @@ def test_the_agent_reclaims_first_and_the_balloon_takes_over_when_it_dies(
     assert host.running("filevm").record.reclaim_target == target  # in vm.json for a restart
     actual0 = host.running("filevm").process.qmp().cmd("query-balloon")["actual"]
     assert actual0 == 256 * MiB  # the balloon has not acted
+    host.close()  # the manager goes away; a new one re-attaches (the fixture still powers off)
+    again = QemuHost(host.state_dir, image=host.image(), accel="tcg")
+    try:
+        check_reattached_agent_keeps_its_reservation(again, target, res1)
+        kill_agent_and_see_the_balloon_take_over(again, target)
+    finally:
+        again.close()
+
+
+def check_reattached_agent_keeps_its_reservation(host: QemuHost, target: int, res1: int) -> None:
+    started = time.monotonic()
+    obs = wait_path(host, "filevm", "agent", 120)
+    took = time.monotonic() - started
+    time.sleep(1.5)
+    res2 = int(hostmem.file_resident_pages(host.running("filevm").process.paths.memory).sum())
+    print(f"re-attached: the agent re-reported {obs.ballooned / MiB:.0f} MiB in {took:.1f} s; "
+          f"backing file resident {res2 * PAGE_SIZE / MiB:.0f} MiB")  # fmt: skip
+    assert obs.ballooned == target == obs.balloon_target  # kept, not released to 0
+    assert res2 * PAGE_SIZE <= res1 + 16 * MiB
+
+
+def kill_agent_and_see_the_balloon_take_over(host: QemuHost, target: int) -> None:
     with shell(host, "filevm") as sh:
         sh.run(KILL_AGENT, check=True)
     started = time.monotonic()
