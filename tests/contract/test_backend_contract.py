@@ -346,15 +346,7 @@ BAD_ACTIONS: dict[str, tuple[Action, type[Exception] | str]] = {
     "ksm-negative-sleep": (SetKsm(run=0, sleep_millisecs=-1), InputError),
 }
 # Deviations of the QEMU backend reported to its engineer (strict: fixing one fails the xfail).
-QEMU_KNOWN_DEVIATIONS = {
-    "negative-balloon": "QemuHost clamps a negative balloon target to 0 and applies it (ok)",
-    "negative-resident-limit": "QemuHost raises a negative resident limit to the reservation "
-    "and swaps down to it (ok)",
-    "balloon-above-memory": "QemuHost clamps to memory - max(reservation, 64 MiB) and inflates",
-    "balloon-into-reservation": "QemuHost clamps to memory - max(reservation, 64 MiB) and inflates",
-    "standing-swap-limit": "QemuHost evicts once; the guest's next touches bring pages back "
-    "(2 MiB folios) and nothing keeps the limit",
-}
+QEMU_KNOWN_DEVIATIONS: dict[str, str] = {}
 
 
 def known_deviation(request: pytest.FixtureRequest, backend: Harness, case: str) -> None:

@@ -37,8 +37,21 @@ def set_balloon(host: QemuHost, vm: RunningVM, action: SetBalloon) -> ActionResu
     """The guest agent takes the target (C2); virtio-balloon only while the agent is lost or
     absent. The result says which one acted and what the host measured freed."""
     spec = vm.spec
+    if action.target < 0:
+        raise InputError(f"{spec.name}: balloon target {action.target} bytes is negative")
+    if action.target > spec.memory - spec.reservation:
+        return ActionResult(
+            action,
+            ok=False,
+            message=(
+                f"{spec.name}: balloon target {format_size(action.target)} refused: it would "
+                f"reach into the reservation ({format_size(spec.reservation)} of "
+                f"{format_size(spec.memory)}); nothing changed"
+            ),
+        )
+    # Within the allowed range, still leave the guest MIN_GUEST to run in (said in the note).
     ceiling = spec.memory - max(spec.reservation, MIN_GUEST)
-    target = max(0, min(action.target, ceiling))
+    target = min(action.target, ceiling)
     note = f" (clamped from {format_size(action.target)})" if target != action.target else ""
     host.record_reclaim_target(vm, target)
     agent = vm.agent
@@ -125,12 +138,16 @@ def _wait_balloon(qmp: object, actual_target: int) -> int:
 
 def set_swap_target(host: QemuHost, vm: RunningVM, action: SetSwapTarget) -> ActionResult:
     spec = vm.spec
+    if action.resident_limit < 0:
+        raise InputError(f"{spec.name}: resident limit {action.resident_limit} bytes is negative")
     if spec.backing is not Backing.FILE:
         return ActionResult(
             action,
             ok=False,
             message=(f"{spec.name}: anonymous backing has no per-VM swap file; use the balloon"),
         )
+    standing = action.resident_limit if action.resident_limit < spec.memory else None
+    host.record_swap_limit(vm, standing)  # held at every observation (QemuHost)
     floor = max(action.resident_limit, spec.reservation)
     resident = hostmem.file_resident_pages(vm.process.paths.memory)
     before = int(resident.sum()) * PAGE_SIZE

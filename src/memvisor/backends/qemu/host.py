@@ -54,8 +54,10 @@ from memvisor.model import (
     VMSpec,
 )
 from memvisor.sharing.sampler import Context
+from memvisor.units import PAGE_SIZE, MiB
 
 SHARING_SAMPLES = 1000  # FACTS: within ~2 points of a full scan's shared fraction
+SWAP_LIMIT_SLACK = 4 * MiB  # re-evict only past this: 2 MiB page-cache folios come back whole
 
 
 @dataclass
@@ -278,6 +280,25 @@ class QemuHost:
             vm.record = vm.record.with_(reclaim_target=target)
             self._save(vm.record)
 
+    def record_swap_limit(self, vm: RunningVM, limit: int | None) -> None:
+        """Keep the standing resident limit in vm.json; ``None``: no limit."""
+        if vm.record.swap_limit != limit:
+            vm.record = vm.record.with_(swap_limit=limit)
+            self._save(vm.record)
+
+    def _hold_swap_limit(self, vm: RunningVM) -> None:
+        """A swap target is a standing limit (model.SetSwapTarget): pages the guest touched
+        back in since the last tick are written back to its file again. Enforced once per
+        observation, i.e. once per control-loop tick; between ticks the guest may exceed it."""
+        limit = vm.record.swap_limit
+        if limit is None:
+            return
+        resident = int(hostmem.file_resident_pages(vm.process.paths.memory).sum()) * PAGE_SIZE
+        if resident > max(limit, vm.spec.reservation) + SWAP_LIMIT_SLACK:
+            result = actions.set_swap_target(self, vm, SetSwapTarget(vm.spec.name, limit))
+            if not result.ok:
+                self.events.append(f"{vm.spec.name}: holding the swap limit: {result.message}")
+
     def _save(self, record: VMRecord) -> None:
         self._records[record.spec.name] = record
         vmrecord.save(self.state_dir, record)
@@ -326,6 +347,7 @@ class QemuHost:
 
     def observe_vm(self, name: str, *, sharing: bool = True) -> VMObservation:
         vm = self.running(name)
+        self._hold_swap_limit(vm)
         obs = agentwire.refine(vm, probes.observe(self, vm, sharing=sharing))
         for refine in self.observers:
             obs = refine(obs)

@@ -34,6 +34,7 @@ class VMRecord:
     started: float | None = None  # wall-clock time of power-on
     message: str = ""
     reclaim_target: int = 0  # bytes the agent (or balloon fallback) is asked to hold
+    swap_limit: int | None = None  # standing SetSwapTarget resident limit (file backing)
 
     def with_(self, **changes: Any) -> VMRecord:
         return replace(self, **changes)
