@@ -41,9 +41,9 @@ DEMO_VMS = ("idle", "grow", "share")
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 
 HOST_FILE = """\
-# memvisor demo: 3 x 384 MiB of guests on a 768 MiB budget
+# memvisor demo: 3 x 384 MiB of guests on a 576 MiB budget (half of their 1152 MiB)
 [host]
-capacity = "768MiB"
+capacity = "576MiB"
 
 [vms.idle]
 memory = "384MiB"
@@ -196,7 +196,7 @@ def run_demo(state_dir: Path, options: DemoOptions) -> int:
     extra: dict[str, Any] = {}
 
     def ready(d: Daemon) -> None:
-        console.print(f"[bold]memvisor demo[/]: {len(DEMO_VMS)} guests of 384 MiB on a 768 MiB "
+        console.print(f"[bold]memvisor demo[/]: {len(DEMO_VMS)} guests of 384 MiB on a 576 MiB "
                       f"budget ({options.backend}); {options.duration:.0f} s")  # fmt: skip
         console.print(f"dashboard: {d.url}/#token={read_token(state_dir)}")
         if options.backend == "qemu":
