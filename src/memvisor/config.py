@@ -54,6 +54,7 @@ from memvisor.pools import (
     size_text,
     vm_shares,
 )
+from memvisor.tomlread import TomlReader
 from memvisor.units import MiB, parse_size
 
 _TOP_KEYS = ("host", "pools", "vms", "daemon")
@@ -117,24 +118,8 @@ class DryRun:
     refusals: tuple[tuple[str, str], ...]
 
 
-class _Reader:
-    """Reads values out of parsed TOML, recording every problem instead of stopping."""
-
-    def __init__(self) -> None:
-        self.problems: list[tuple[str, str]] = []
-
-    def problem(self, path: str, message: str) -> None:
-        self.problems.append((path, message))
-
-    def table(self, value: object, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.problem(path, f"expected a table, got {type(value).__name__}")
-            return {}
-        for key in value:
-            if key not in keys:
-                where = f"{path}.{key}" if path else key
-                self.problem(where, f"unknown key (known: {', '.join(keys)})")
-        return value
+class _Reader(TomlReader):
+    """The host file's reader: adds named tables, sizes and limits."""
 
     def named_tables(self, value: object, path: str) -> dict[str, Any]:
         """``[pools.NAME]`` / ``[vms.NAME]``: a table of tables keyed by name."""
@@ -158,15 +143,6 @@ class _Reader:
         if t.get("limit") == "unlimited":
             return None
         return self.size(t, path, "limit", None) if "limit" in t else None
-
-    def choice(self, t: Mapping[str, Any], path: str, key: str, default: Any, check: Any) -> Any:
-        if key not in t:
-            return default
-        try:
-            return check(t[key])
-        except (InputError, ValueError) as exc:
-            self.problem(f"{path}.{key}", str(exc).removeprefix(f"{path}.{key}: "))
-            return default
 
 
 def _bool(value: object) -> bool:
@@ -205,11 +181,11 @@ def _read_pool(r: _Reader, name: str, raw: object) -> PoolConfig:
         )
     return PoolConfig(
         name=name,
-        parent=r.choice(t, path, "parent", ROOT, _name),
+        parent=r.get(t, path, "parent", _name, ROOT),
         reservation=reservation,
         limit=limit,
-        shares=r.choice(t, path, "shares", "normal", lambda v: check_shares(v, f"{path}.shares")),
-        expandable=r.choice(t, path, "expandable", True, _bool),
+        shares=r.get(t, path, "shares", lambda v: check_shares(v, f"{path}.shares"), "normal"),
+        expandable=r.get(t, path, "expandable", _bool, True),
     )
 
 
@@ -238,13 +214,13 @@ def _read_vm(r: _Reader, name: str, raw: object) -> VMConfig:
     return VMConfig(
         name=name,
         memory=memory,
-        pool=r.choice(t, path, "pool", ROOT, _name),
+        pool=r.get(t, path, "pool", _name, ROOT),
         reservation=reservation,
         limit=limit,
-        shares=r.choice(t, path, "shares", "normal", lambda v: check_shares(v, f"{path}.shares")),
-        power_on=r.choice(t, path, "power_on", False, _bool),
-        backing=r.choice(t, path, "backing", Backing.FILE, _backing),
-        vcpus=r.choice(t, path, "vcpus", 1, _vcpus),
+        shares=r.get(t, path, "shares", lambda v: check_shares(v, f"{path}.shares"), "normal"),
+        power_on=r.get(t, path, "power_on", _bool, False),
+        backing=r.get(t, path, "backing", _backing, Backing.FILE),
+        vcpus=r.get(t, path, "vcpus", _vcpus, 1),
     )
 
 

@@ -26,6 +26,7 @@ from memvisor.backends.sim.config import (
 from memvisor.backends.sim.trace import empty_trace, load_trace
 from memvisor.errors import AdmissionError, ConfigError, InputError
 from memvisor.pools import ROOT, PoolTree, check_shares, pool_shares, vm_shares
+from memvisor.tomlread import TomlReader
 from memvisor.units import PAGE_SIZE, parse_size
 
 Convert = Callable[[object], Any]
@@ -127,34 +128,8 @@ def text(v: object) -> str:
     return v
 
 
-class Reader:
-    """Reads typed values out of parsed TOML, recording every problem with its key path."""
-
-    def __init__(self) -> None:
-        self.problems: list[tuple[str, str]] = []
-
-    def problem(self, path: str, message: str) -> None:
-        self.problems.append((path, message))
-
-    def table(self, value: object, path: str, keys: tuple[str, ...]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.problem(path, f"expected a table, got {type(value).__name__}")
-            return {}
-        for key in value:
-            if key not in keys:
-                self.problem(
-                    f"{path}.{key}" if path else key, f"unknown key (known: {', '.join(keys)})"
-                )
-        return value
-
-    def get(self, t: Mapping[str, Any], path: str, key: str, conv: Convert, default: Any) -> Any:
-        if key not in t:
-            return default
-        try:
-            return conv(t[key])
-        except (InputError, ValueError) as exc:
-            self.problem(f"{path}.{key}" if path else key, str(exc))
-            return default
+class Reader(TomlReader):
+    """The scenario's reader: adds ``fields`` (TOML keys onto dataclass attributes)."""
 
     def fields(
         self, t: Mapping[str, Any], path: str, spec: Mapping[str, tuple[str, Convert]], base: Any
