@@ -108,29 +108,13 @@ def _print_summary(s: dict[str, Any], args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from memvisor.backends.sim.report import VM_SUMMARY_COLUMNS, vm_summary_row
+
     table = Table(title=f"{args.scenario}: policy {s['policy']}, {s['simulated_seconds']:.0f} s")
-    for col in (
-        "VM",
-        "memory",
-        "throughput",
-        "consumed",
-        "shared",
-        "ballooned",
-        "swapped",
-        "guest swap",
-    ):
+    for col in VM_SUMMARY_COLUMNS:
         table.add_column(col, justify="left" if col == "VM" else "right")
     for v in s["vms"]:
-        table.add_row(
-            v["name"],
-            format_size(v["memory"]),
-            f"{v['relative_throughput']:.1%}",
-            format_size(v["final_consumed"]),
-            format_size(v["final_shared"]),
-            format_size(v["final_ballooned"]),
-            format_size(v["final_swapped"]),
-            format_size(v["final_guest_swapped"]),
-        )
+        table.add_row(*vm_summary_row(v))
     console = Console()
     console.print(table)
     console.print(

@@ -18,6 +18,32 @@ import numpy as np
 from memvisor.backends.sim.run import FloatArray, SimResult
 from memvisor.units import MiB, format_size
 
+VM_SUMMARY_COLUMNS = (
+    "VM",
+    "memory",
+    "throughput",
+    "consumed",
+    "shared",
+    "ballooned",
+    "swapped",
+    "guest swap",
+)
+
+
+def vm_summary_row(v: dict[str, Any]) -> list[str]:
+    """One VM of ``SimResult.summary()["vms"]`` as the report's and the CLI's table row."""
+    return [
+        v["name"],
+        format_size(v["memory"]),
+        f"{v['relative_throughput']:.1%}",
+        format_size(v["final_consumed"]),
+        format_size(v["final_shared"]),
+        format_size(v["final_ballooned"]),
+        format_size(v["final_swapped"]),
+        format_size(v["final_guest_swapped"]),
+    ]
+
+
 PANELS = (
     ("consumed", "consumed (MiB)", MiB),
     ("swapped", "swapped to own file (MiB)", MiB),
@@ -104,26 +130,13 @@ def render(r: SimResult) -> str:
         ["worst relative throughput", f"{s['worst_relative_throughput']:.1%}"],
         ["decisions", f"{s['decisions']} ({s['failed_actions']} failed)"],
     ]
-    vm_rows = [
-        [
-            v["name"],
-            format_size(v["memory"]),
-            f"{v['relative_throughput']:.1%}",
-            format_size(v["final_consumed"]),
-            format_size(v["final_shared"]),
-            format_size(v["final_ballooned"]),
-            format_size(v["final_swapped"]),
-            format_size(v["final_guest_swapped"]),
-        ]
-        for v in s["vms"]
-    ]
+    vm_rows = [vm_summary_row(v) for v in s["vms"]]
     plots = [f'<img alt="host memory" src="data:image/png;base64,{_host_plot(r)}">']
     for key, label, scale in PANELS:
         png = _vm_plot(r, key, label, scale)
         if png is not None:
             plots.append(f'<img alt="{html.escape(label)}" src="data:image/png;base64,{png}">')
     reasons = "".join(f"<li>t={t:.0f}s: {html.escape(text)}</li>" for t, text in r.reasons[:50])
-    header = ["VM", "memory", "throughput", "consumed", "shared", "ballooned", "swapped"]
     title = f"memvisor simulation: {html.escape(r.scenario.source)}"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
@@ -134,7 +147,7 @@ text-align:right}}img{{display:block;margin:1em 0;max-width:100%}}</style></head
 <p>seed {r.scenario.seed}, tick {r.scenario.tick:g} s. Throughput is page touches completed per
 second; relative throughput is completed / asked over the run (1 = no slowdown).</p>
 {_table(host_rows, ["", "value"])}
-{_table(vm_rows, [*header, "guest swap"])}
+{_table(vm_rows, list(VM_SUMMARY_COLUMNS))}
 {"".join(plots)}
 <h2>First decisions</h2><ul>{reasons or "<li>none</li>"}</ul>
 </body></html>
