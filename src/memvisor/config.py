@@ -121,6 +121,13 @@ class DryRun:
 class _Reader(TomlReader):
     """The host file's reader: adds named tables, sizes and limits."""
 
+    def at_most(self, where: str, value: int, bound: int | None, bound_name: str) -> None:
+        """A problem at ``where`` if ``value`` exceeds ``bound`` (None: no bound)."""
+        if bound is not None and value > bound:
+            self.problem(
+                where, f"{size_text(value)} is more than the {bound_name} {size_text(bound)}"
+            )
+
     def named_tables(self, value: object, path: str) -> dict[str, Any]:
         """``[pools.NAME]`` / ``[vms.NAME]``: a table of tables keyed by name."""
         if not isinstance(value, dict):
@@ -174,11 +181,7 @@ def _read_pool(r: _Reader, name: str, raw: object) -> PoolConfig:
     t = r.table(raw, path, _POOL_KEYS)
     reservation = r.size(t, path, "reservation", 0) or 0
     limit = r.limit(t, path)
-    if limit is not None and reservation > limit:
-        r.problem(
-            f"{path}.reservation",
-            f"{size_text(reservation)} is more than the limit {size_text(limit)}",
-        )
+    r.at_most(f"{path}.reservation", reservation, limit, "limit")
     return PoolConfig(
         name=name,
         parent=r.get(t, path, "parent", _name, ROOT),
@@ -197,20 +200,11 @@ def _read_vm(r: _Reader, name: str, raw: object) -> VMConfig:
         r.problem(f"{path}.memory", f"must be a positive whole number of MiB, got {memory} bytes")
     reservation = r.size(t, path, "reservation", 0) or 0
     limit = r.limit(t, path)
-    if memory and reservation > memory:
-        r.problem(
-            f"{path}.reservation",
-            f"{size_text(reservation)} is more than the memory {size_text(memory)}",
-        )
-    if limit is not None and memory and limit > memory:
-        r.problem(
-            f"{path}.limit", f"{size_text(limit)} is more than the memory {size_text(memory)}"
-        )
-    if limit is not None and reservation > limit:
-        r.problem(
-            f"{path}.reservation",
-            f"{size_text(reservation)} is more than the limit {size_text(limit)}",
-        )
+    known_memory = memory or None  # 0: missing or bad, already reported
+    r.at_most(f"{path}.reservation", reservation, known_memory, "memory")
+    if limit is not None:
+        r.at_most(f"{path}.limit", limit, known_memory, "memory")
+    r.at_most(f"{path}.reservation", reservation, limit, "limit")
     return VMConfig(
         name=name,
         memory=memory,
