@@ -4,25 +4,33 @@ autoballoon and no management (the host kernel alone).
 Scenarios (each run with every policy, same seed):
 
 - ``mixed-150``: 16 VMs of 512 MiB on a host with 2/3 of that (150% overcommit), two guest
-  images whose pages are partly common (KSM shares them): 5 busy VMs, 6 idle ones and 5 that
-  alternate between idle and busy every 60 s (two groups, out of phase).
+  images whose pages are partly common (KSM shares them): 7 busy VMs, 3 idle ones and 6 that
+  alternate between idle and busy every 60 s (two groups of 3, out of phase; one group starts
+  idle).
 - ``idle-tax``: 8 VMs of 512 MiB on 150% overcommit, 4 idle and 4 whose working sets grow
   larger than an equal split would give them.
 
-Per policy: total throughput (page touches completed per second, summed over VMs), the worst
-VM's slowdown (work it asked for / work done, over the run), swapped MiB at the end, peak
-swapped MiB, and host memory freed per reclaimed page (host frames freed by the policy's
-actions per page it reclaimed by balloon or swap). Prints a table and writes
-``bench/results/policies.md``.
+Each run is measured over two windows of the same run: the *cold start* (the first
+``--cold`` seconds: every VM has touched its whole footprint at boot, so the host starts 150%
+committed and nothing is known about any VM yet) and the *steady state* (the ``--steady``
+seconds after it, several idle/busy cycles later).
 
-    .venv/bin/python bench/bench_policies.py [--duration S] [--quick]
+Per policy and window: total throughput (page touches completed per second, summed over
+VMs), the worst VM's slowdown (work it asked for / work done, in the window), swapped MiB at
+the end, peak swapped MiB, and host memory freed per reclaimed page (host frames freed by
+the policy's actions per page it reclaimed by balloon or swap). Prints a table and a verdict
+and writes ``bench/results/policies.md``.
+
+    .venv/bin/python bench/bench_policies.py [--cold S] [--steady S] [--quick] [--jobs N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +70,7 @@ def _workload(name: str, phases: tuple[Phase, ...], image_common: float) -> Work
     )
 
 
-def _alternating(first_busy: bool, period: float = 60.0, rounds: int = 10) -> tuple[Phase, ...]:
+def _alternating(first_busy: bool, period: float = 60.0, rounds: int = 40) -> tuple[Phase, ...]:
     out = []
     for k in range(rounds):
         busy = (k % 2 == 0) == first_busy
@@ -104,68 +112,99 @@ SCENARIOS = {
 }
 
 
+WINDOWS = ("cold start", "steady state")
+
+
 @dataclass
 class Outcome:
     scenario: str
     policy: str
+    window: str
+    seconds: int
     throughput: float  # touches/s, all VMs
     worst_slowdown: float
-    swapped_mib: float
+    worst_vm: str
+    swapped_mib: float  # at the end of the window
     peak_swapped_mib: float
     reclaimed_pages: int
     freed_pages: int
     decisions: int
-    wall: float
+    wall: float  # of the whole run (both windows)
 
     @property
     def freed_per_page(self) -> float:
         return self.freed_pages / self.reclaimed_pages if self.reclaimed_pages else float("nan")
 
 
+@dataclass
+class _Window:
+    """What one window of a run accumulates."""
+
+    asked: dict[str, float]
+    done: dict[str, float]
+    reclaimed: int = 0
+    freed: int = 0
+    decisions: int = 0
+    peak: float = 0.0
+    swapped: float = 0.0
+
+
 def run(
     scenario: str,
     policy_name: str,
-    duration: int,
+    cold: int,
+    steady: int,
     seed: int = 7,
     label: str | None = None,
     settings: dict[str, object] | None = None,
-) -> Outcome:
+) -> list[Outcome]:
+    """One run of ``cold + steady`` simulated seconds; one outcome per window."""
     host_cfg, vms = SCENARIOS[scenario]()
     host = SimHost(host_cfg, vms, seed=seed)
     policy = get_policy(policy_name, **(settings or {}))
     specs = tuple(host.specs())
-    asked = {v.name: 0.0 for v in vms}
-    done = {v.name: 0.0 for v in vms}
-    reclaimed = freed = decisions = 0
-    peak = 0.0
+    windows = [_Window({v.name: 0.0 for v in vms}, {v.name: 0.0 for v in vms}) for _ in WINDOWS]
     started = time.perf_counter()
-    for _ in range(duration):
+    for tick in range(cold + steady):
+        w = windows[0 if tick < cold else 1]
         snap = Snapshot(host.observe_host(), specs, tuple(host.observe_vms()))
         before = {o.name: o for o in snap.vms}
         for d in policy.plan(snap):
-            decisions += 1
+            w.decisions += 1
             result = host.apply(d.action)
-            reclaimed += _reclaimed_pages(d.action, before)
-            freed += result.achieved // PAGE_SIZE
+            w.reclaimed += _reclaimed_pages(d.action, before)
+            w.freed += result.achieved // PAGE_SIZE
         host.step()
         for vm in host.vms:
-            asked[vm.name] += vm.demand
-            done[vm.name] += vm.throughput
-        peak = max(peak, sum(o.swapped for o in host.observe_vms()) / MiB)
-    final = host.observe_vms()
-    slow = [asked[n] / done[n] if done[n] > 0 else float("inf") for n in asked if asked[n] > 0]
-    return Outcome(
-        scenario=scenario,
-        policy=label or policy_name,
-        throughput=sum(done.values()) / duration,
-        worst_slowdown=max(slow),
-        swapped_mib=sum(o.swapped for o in final) / MiB,
-        peak_swapped_mib=peak,
-        reclaimed_pages=reclaimed,
-        freed_pages=freed,
-        decisions=decisions,
-        wall=time.perf_counter() - started,
-    )
+            w.asked[vm.name] += vm.demand
+            w.done[vm.name] += vm.throughput
+        w.swapped = sum(o.swapped for o in host.observe_vms()) / MiB
+        w.peak = max(w.peak, w.swapped)
+    wall = time.perf_counter() - started
+    out = []
+    for name, seconds, w in zip(WINDOWS, (cold, steady), windows, strict=True):
+        if seconds <= 0:
+            continue
+        slow = {n: w.asked[n] / w.done[n] if w.done[n] > 0 else float("inf") for n in w.asked}
+        worst = max((n for n in slow if w.asked[n] > 0), key=lambda n: slow[n])
+        out.append(
+            Outcome(
+                scenario=scenario,
+                policy=label or policy_name,
+                window=name,
+                seconds=seconds,
+                throughput=sum(w.done.values()) / seconds,
+                worst_slowdown=slow[worst],
+                worst_vm=worst,
+                swapped_mib=w.swapped,
+                peak_swapped_mib=w.peak,
+                reclaimed_pages=w.reclaimed,
+                freed_pages=w.freed,
+                decisions=w.decisions,
+                wall=wall,
+            )
+        )
+    return out
 
 
 def _reclaimed_pages(action: object, before: dict) -> int:
@@ -180,61 +219,109 @@ def _reclaimed_pages(action: object, before: dict) -> int:
 
 def table(rows: list[Outcome]) -> str:
     head = (
-        "| scenario | policy | throughput (touches/s) | vs none | worst VM slowdown | "
-        "swapped MiB (end / peak) | host freed per reclaimed page | decisions |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|\n"
+        "| scenario | window | policy | throughput (touches/s) | vs none | worst VM slowdown "
+        "(VM) | swapped MiB (end / peak) | host freed per reclaimed page | decisions |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|\n"
     )
-    base = {r.scenario: r.throughput for r in rows if r.policy == "none"}
+    base = {(r.scenario, r.window): r.throughput for r in rows if r.policy == "none"}
     lines = []
     for r in rows:
-        ratio = r.throughput / base[r.scenario] if base.get(r.scenario) else float("nan")
+        b = base.get((r.scenario, r.window))
+        ratio = r.throughput / b if b else float("nan")
         fpp = "—" if r.reclaimed_pages == 0 else f"{r.freed_per_page:.2f}"
         lines.append(
-            f"| {r.scenario} | {r.policy} | {r.throughput:,.0f} | {ratio:.3f} | "
-            f"{r.worst_slowdown:.3f} | {r.swapped_mib:,.0f} / {r.peak_swapped_mib:,.0f} | "
-            f"{fpp} | {r.decisions} |"
+            f"| {r.scenario} | {r.window} ({r.seconds} s) | {r.policy} | {r.throughput:,.0f} | "
+            f"{ratio:.4f} | {r.worst_slowdown:.3f} ({r.worst_vm}) | "
+            f"{r.swapped_mib:,.0f} / {r.peak_swapped_mib:,.0f} | {fpp} | {r.decisions} |"
         )
     return head + "\n".join(lines) + "\n"
 
 
+def verdict(rows: list[Outcome]) -> str:
+    """Per scenario and window: does the default memvisor beat every baseline on throughput
+    and worst slowdown?"""
+    lines = []
+    for scenario in dict.fromkeys(r.scenario for r in rows):
+        for window in WINDOWS:
+            got = {r.policy: r for r in rows if r.scenario == scenario and r.window == window}
+            ours = got.get("memvisor")
+            if ours is None:
+                continue
+            lost = []
+            for name, r in got.items():
+                if name not in BASELINES:
+                    continue
+                why = [
+                    what
+                    for what, lose in (
+                        ("throughput", r.throughput >= ours.throughput),
+                        ("worst slowdown", r.worst_slowdown <= ours.worst_slowdown),
+                    )
+                    if lose
+                ]
+                if why:
+                    lost.append(f"{name} ({', '.join(why)})")
+            text = "beats every baseline" if not lost else "does not beat " + "; ".join(lost)
+            lines.append(f"- {scenario}, {window}: memvisor {text}")
+    return "\n".join(lines) + "\n"
+
+
+BASELINES = ("mom", "proxmox", "none")
+
+
+def _one(job: tuple[str, str, str, dict[str, object], int, int]) -> list[Outcome]:
+    scenario, label, policy, settings, cold, steady = job
+    return run(scenario, policy, cold, steady, label=label, settings=settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--duration", type=int, default=300, help="simulated seconds per run")
-    ap.add_argument("--quick", action="store_true", help="60 s runs, for a smoke test")
+    ap.add_argument("--cold", type=int, default=300, help="simulated seconds of cold start")
+    ap.add_argument("--steady", type=int, default=600, help="simulated seconds after it")
+    ap.add_argument("--quick", action="store_true", help="30 + 30 s runs, for a smoke test")
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), action="append")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
-    duration = 60 if args.quick else args.duration
-    rows = []
-    for scenario in args.scenario or list(SCENARIOS):
-        for label, policy, settings in POLICIES:
-            rows.append(run(scenario, policy, duration, label=label, settings=settings))
-            r = rows[-1]
-            print(
-                f"{scenario:16s} {label:20s} throughput {r.throughput:10,.0f}/s  worst slowdown "
-                f"{r.worst_slowdown:5.2f}  swapped {r.swapped_mib:6.0f} MiB  ({r.wall:.0f} s)",
-                flush=True,
-            )
-    text = table(rows)
+    cold, steady = (30, 30) if args.quick else (args.cold, args.steady)
+    jobs = [
+        (scenario, label, policy, settings, cold, steady)
+        for scenario in args.scenario or list(SCENARIOS)
+        for label, policy, settings in POLICIES
+    ]
+    rows: list[Outcome] = []
+    with ProcessPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        for outcomes in pool.map(_one, jobs):
+            rows.extend(outcomes)
+            for r in outcomes:
+                print(
+                    f"{r.scenario:16s} {r.window:12s} {r.policy:20s} throughput "
+                    f"{r.throughput:10,.0f}/s  worst slowdown {r.worst_slowdown:5.3f}  swapped "
+                    f"{r.swapped_mib:6.0f} MiB  ({r.wall:.0f} s)",
+                    flush=True,
+                )
+    text = table(rows) + "\n" + verdict(rows)
     print(text)
     if not args.no_write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(_report(text, duration))
+        RESULTS.write_text(_report(text, cold, steady))
         print(f"wrote {RESULTS}")
     return 0
 
 
-def _report(text: str, duration: int) -> str:
+def _report(text: str, cold: int, steady: int) -> str:
     return (
         "# Memory policies on the simulator\n\n"
-        f"`bench/bench_policies.py`, {duration} simulated seconds per run, 1 s ticks, seed 7; "
-        "every policy runs the same scenario with the same seed. The simulator charges host "
-        "kernel reclaim as on a real host (direct-reclaim stall, a shared 512 MiB/s swap disk, "
-        "stalls carried across ticks: docs/simulator.md). Throughput is page touches "
-        "completed per second summed over all VMs; a VM's slowdown is the work its workload "
-        "asked for divided by the work it completed over the run (1.00 = no slowdown); "
-        "'host freed per reclaimed page' is host frames the policy's own actions freed per page "
-        "they reclaimed (balloon growth or resident memory above a new swap limit).\n\n" + text
+        f"`bench/bench_policies.py`: each run is {cold + steady} simulated seconds at 1 s ticks, "
+        f"seed 7, measured over two windows: the cold start (first {cold} s) and the steady "
+        f"state (the {steady} s after it). Every policy runs the same scenario with the same "
+        "seed. The simulator charges host kernel reclaim as on a real host (direct-reclaim "
+        "stall, a shared 512 MiB/s swap disk, stalls carried across ticks: docs/simulator.md). "
+        "Throughput is page touches completed per second summed over all VMs; a VM's slowdown "
+        "is the work its workload asked for divided by the work it completed in the window "
+        "(1.000 = no slowdown); 'host freed per reclaimed page' is host frames the policy's own "
+        "actions freed per page they reclaimed (balloon growth or resident memory above a new "
+        "swap limit).\n\n" + text
     )
 
 

@@ -232,3 +232,32 @@ def test_all_anonymous_host_in_low_only_balloons() -> None:
         out = sched.plan(snapshot(vms, TOTAL, int(0.005 * TOTAL), time=float(t)))
         assert not swaps(out)
         assert balloons(out) or t > 0
+
+
+def test_a_vm_that_paused_after_a_busy_phase_is_not_squeezed_like_an_idle_one() -> None:
+    """A VM busy for two minutes and paused for half a minute (a batch job between runs) is
+    likely to resume: SOFT takes the margin from the VM that has always been idle first, and
+    from the paused VM's working set only what the idle one cannot give (with the fast average
+    alone the paused VM looked as idle and gave everything)."""
+    total = 3 * GiB + 512 * MiB  # less than the three VMs hold: someone is above entitlement
+    sched = MemvisorScheduler()
+
+    def tick(t: float, paused_active: float, free: float) -> list:
+        vms = [
+            vm("idle", 1536 * MiB, 600 * MiB, active=0.02, guest_free=64 * MiB, time=t),
+            vm("paused", 1536 * MiB, 1400 * MiB, active=paused_active, guest_free=64 * MiB, time=t),
+            vm("busy", 1536 * MiB, 1400 * MiB, active=0.9, guest_free=64 * MiB, time=t),
+        ]
+        return sched.plan(snapshot(vms, total, int(free * total), time=t))
+
+    for t in range(0, 120, 10):
+        assert balloons(tick(float(t), 0.75, 0.10)) == {}  # HIGH: nothing to do
+    for t in range(120, 150, 10):
+        tick(float(t), 0.02, 0.10)
+    out = tick(150.0, 0.02, 0.021)  # SOFT, 30 s into the pause: more than the idle VM holds
+    # above its entitlement is asked for
+    b = balloons(out)
+    assert out and out[0].action.vm == "idle", out  # the first victim, the most given
+    assert b["idle"] > b.get("paused", 0), b
+    assert "x idle 98%" in out[0].reason
+    assert sched.activity.estimate("paused") > 0.7 > 0.1 > sched.activity.recent("paused")

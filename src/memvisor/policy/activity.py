@@ -20,7 +20,7 @@ from memvisor.errors import InputError
 @dataclass(frozen=True, slots=True)
 class ActivitySettings:
     fast_half_life: float = 2.0  # seconds for the fast average to forget half of the past
-    slow_half_life: float = 120.0
+    slow_half_life: float = 600.0  # a VM idle for ten minutes keeps ~half its protection
     unknown: float = 1.0  # assumed active fraction before any sample (1: no idle tax)
 
     def __post_init__(self) -> None:
@@ -72,9 +72,9 @@ class ActivityEstimator:
         return self.settings.unknown if avg is None else max(avg.fast, avg.slow)
 
     def recent(self, vm: str) -> float:
-        """The fast average alone: how active the VM is right now (for questions such as
-        "will a page reclaimed now be touched again soon?"; the idle tax uses
-        :meth:`estimate`, which forgets activity slowly)."""
+        """The fast average alone: how active the VM is right now (for reports; the scheduler
+        uses :meth:`estimate`, which forgets activity slowly, for the idle tax and for "will a
+        page reclaimed now be touched again soon?")."""
         avg = self._avg.get(vm)
         return self.settings.unknown if avg is None else avg.fast
 

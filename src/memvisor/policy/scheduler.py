@@ -171,7 +171,7 @@ class MemvisorScheduler:
         )
 
     def _step(self, obs: VMObservation, spec: VMSpec, desired: int, now: float) -> BalloonStep:
-        return self.balloon.step(obs, spec, desired, now, self.activity.recent(spec.name))
+        return self.balloon.step(obs, spec, desired, now, self.activity.estimate(spec.name))
 
     # --- HIGH: give memory back --------------------------------------------------------------
 
@@ -230,7 +230,9 @@ class MemvisorScheduler:
             ):
                 y, stat = expected_yield(obs)
                 ratio = t.alloc.ratio[spec.name]
-                active = self.activity.recent(spec.name)  # is a page reclaimed now needed soon?
+                # is a page reclaimed now needed soon? A VM that was busy minutes ago is likely to
+                # be busy again (batch jobs, periodic load): the protective estimate says so
+                active = self.activity.estimate(spec.name)
                 out.append(Candidate(spec.name, excess, y, stat, ratio, active))
         return out
 
