@@ -254,7 +254,11 @@ def test_swap_target_never_goes_below_the_reservation_and_reports_bytes_freed(
         assert after.consumed >= reservation - CHUNK, after
         assert result.achieved <= before.consumed - reservation + CHUNK, result.message
         assert result.achieved >= (before.consumed - reservation) // 2, result.message  # did it
-        assert -FREED_TOLERANCE <= result.achieved - drop <= REFAULT_TOLERANCE, result.message
+        # The limit is a standing one: the observation after the action swaps out again what
+        # the guest faulted back meanwhile (measured 18-30 MiB on QEMU), so the drop seen there
+        # may exceed what the action itself freed by up to what a guest refaults
+        slack = FREED_TOLERANCE + REFAULT_TOLERANCE
+        assert -slack <= result.achieved - drop <= REFAULT_TOLERANCE, result.message
         assert after.swapped >= result.achieved - REFAULT_TOLERANCE, after
     finally:
         lifted = backend.backend.apply(SetSwapTarget(FILE_VM, before.memory))
