@@ -7,6 +7,9 @@ Scenarios (each run with every policy, same seed):
   images whose pages are partly common (KSM shares them): 7 busy VMs, 3 idle ones and 6 that
   alternate between idle and busy every 60 s (two groups of 3, out of phase; one group starts
   idle).
+- ``pressure-150``: the same VMs with larger working sets (420 of 430 MiB, 8 MiB of page
+  cache): the working sets no longer fit, so memory must move at every switch in the steady
+  state too.
 - ``idle-tax``: 8 VMs of 512 MiB on 150% overcommit, 4 idle and 4 whose working sets grow
   larger than an equal split would give them.
 
@@ -31,7 +34,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memvisor.model import SetBalloon, SetSwapTarget, Snapshot
@@ -59,37 +62,52 @@ BUSY = Phase(working_set=380 * MiB, access_rate=40_000, skew=0.3, write_fraction
 IDLE = Phase(working_set=16 * MiB, access_rate=500, skew=0.5, write_fraction=0.05)
 
 
-def _workload(name: str, phases: tuple[Phase, ...], image_common: float) -> Workload:
+def _workload(
+    name: str,
+    phases: tuple[Phase, ...],
+    image_common: float,
+    footprint: int = 400 * MiB,
+    page_cache: int = 24 * MiB,
+) -> Workload:
     return Workload(
         name=name,
-        footprint=400 * MiB,
-        page_cache=24 * MiB,
+        footprint=footprint,
+        page_cache=page_cache,
         zero_fraction=0.05,
         common_fraction=image_common,
         phases=phases,
     )
 
 
-def _alternating(first_busy: bool, period: float = 60.0, rounds: int = 40) -> tuple[Phase, ...]:
+def _alternating(
+    first_busy: bool, busy: Phase = BUSY, period: float = 60.0, rounds: int = 40
+) -> tuple[Phase, ...]:
     out = []
     for k in range(rounds):
-        busy = (k % 2 == 0) == first_busy
-        b = BUSY if busy else IDLE
+        b = busy if (k % 2 == 0) == first_busy else IDLE
         out.append(Phase(period, b.working_set, b.skew, b.access_rate, b.write_fraction))
     return (*out, IDLE)
 
 
-def mixed_150(common: float = 0.3) -> tuple[SimHostConfig, list[SimVMConfig]]:
+def mixed_150(
+    common: float = 0.3,
+    working_set: int = 380 * MiB,
+    footprint: int = 400 * MiB,
+    page_cache: int = 24 * MiB,
+) -> tuple[SimHostConfig, list[SimVMConfig]]:
     kinds = ["busy"] * 7 + ["idle"] * 3 + ["alt-a"] * 3 + ["alt-b"] * 3
+    busy = replace(BUSY, working_set=working_set)
     vms = []
     for i, kind in enumerate(kinds):
         image = "debian-12" if i % 2 == 0 else "rhel-9"
-        if kind == "busy":
-            wl = _workload("busy", (BUSY,), common)
-        elif kind == "idle":
-            wl = _workload("idle", (IDLE,), common)
-        else:
-            wl = _workload(kind, _alternating(kind == "alt-a"), common)
+        phases = (
+            (busy,)
+            if kind == "busy"
+            else (IDLE,)
+            if kind == "idle"
+            else _alternating(kind == "alt-a", busy)
+        )
+        wl = _workload(kind, phases, common, footprint, page_cache)
         vms.append(SimVMConfig(name=f"{kind}-{i:02d}", memory=512 * MiB, workload=wl, image=image))
     host = SimHostConfig(memory=(16 * 512 * MiB * 2 // 3) // PAGE_SIZE * PAGE_SIZE)
     return host, vms
@@ -108,6 +126,12 @@ def idle_tax() -> tuple[SimHostConfig, list[SimVMConfig]]:
 SCENARIOS = {
     "mixed-150": mixed_150,
     "mixed-150-shared": lambda: mixed_150(common=0.6),
+    # the same VMs with larger working sets (420 of 430 MiB): the busy VMs and the alternating
+    # ones in their busy phase no longer fit beside what the others hold, so memory has to move
+    # at every switch in the steady state too
+    "pressure-150": lambda: mixed_150(
+        working_set=420 * MiB, footprint=430 * MiB, page_cache=8 * MiB
+    ),
     "idle-tax": idle_tax,
 }
 

@@ -18,11 +18,27 @@ def test_first_sample_is_the_estimate_and_unknown_is_fully_active() -> None:
     assert est.update("a", 0.0, 0.3) == pytest.approx(0.3)
 
 
-def test_growth_is_followed_fast() -> None:
+def test_growth_is_followed_at_once_and_the_fast_average_by_its_half_life() -> None:
     est = ActivityEstimator(ActivitySettings(fast_half_life=10, slow_half_life=120))
     est.update("a", 0.0, 0.1)
     got = est.update("a", 10.0, 0.9)  # one fast half-life later
-    assert got == pytest.approx(0.1 + 0.5 * 0.8)
+    assert got == pytest.approx(0.9)  # the slow average holds the new peak
+    assert est.recent("a") == pytest.approx(0.1 + 0.5 * 0.8)
+
+
+def test_a_periodic_vm_keeps_its_busy_working_set_through_its_pauses() -> None:
+    """Busy (0.8) and idle (0.05) for 60 s each, ten times: with a plain slow average the
+    estimate would settle near the mean (~0.43) and the working set would be reclaimed in
+    every pause; the peak-holding average keeps it above 0.7 at the end of every pause."""
+    est = ActivityEstimator()
+    lowest_in_pauses = 1.0
+    for t in range(0, 1200, 10):
+        busy = (t // 60) % 2 == 0
+        got = est.update("p", float(t), 0.8 if busy else 0.05)
+        if not busy and t >= 120:
+            lowest_in_pauses = min(lowest_in_pauses, got)
+    assert lowest_in_pauses > 0.7
+    assert est.recent("p") < 0.1  # the fast average alone says idle
 
 
 def test_decay_is_followed_slowly() -> None:

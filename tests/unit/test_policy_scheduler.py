@@ -179,10 +179,36 @@ def test_vms_that_are_off_are_ignored() -> None:
     assert out == []
 
 
-def test_soft_leaves_busy_vms_alone_hard_does_not() -> None:
-    busy = four_vms(active=0.9, guest_free=900 * MiB)  # net yield 0.1 < 0.25
-    assert balloons(MemvisorScheduler().plan(snapshot(busy, TOTAL, int(0.03 * TOTAL)))) == {}
-    assert balloons(MemvisorScheduler().plan(snapshot(busy, TOTAL, int(0.015 * TOTAL))))
+def test_busy_vms_are_left_to_the_host_kernel_in_every_state() -> None:
+    busy = four_vms(active=0.9, guest_free=900 * MiB)  # net yield 0.1 < 0.25 and < 0.5
+    for free in (0.03, 0.015, 0.005):  # SOFT, HARD, LOW
+        out = MemvisorScheduler().plan(snapshot(busy, TOTAL, int(free * TOTAL)))
+        assert balloons(out) == {} and swaps(out) == {}, (free, out)
+    # the gates are settings: with them at 0, HARD squeezes the busy VMs too
+    gateless = SchedulerSettings(soft_min_net_yield=0.0, min_net_yield=0.0)
+    out = MemvisorScheduler(gateless).plan(snapshot(busy, TOTAL, int(0.015 * TOTAL)))
+    assert balloons(out)
+
+
+def test_hard_takes_from_the_mostly_idle_vm_only() -> None:
+    vms = [
+        vm("idle", 1536 * MiB, 1400 * MiB, active=0.1, guest_free=900 * MiB),
+        vm("busy", 1536 * MiB, 1400 * MiB, active=0.9, guest_free=900 * MiB),
+    ]
+    out = MemvisorScheduler().plan(snapshot(vms, 5 * GiB // 2, int(0.015 * 5 * GiB // 2)))
+    assert set(balloons(out)) == {"idle"}
+
+
+def test_hard_lifts_the_swap_limit_of_a_vm_that_is_no_longer_a_victim() -> None:
+    sched = MemvisorScheduler()
+    idle = four_vms(active=0.1, guest_free=0)  # at their floor: HARD swaps them
+    out = sched.plan(snapshot(idle, TOTAL, int(0.015 * TOTAL)))
+    limited = set(swaps(out))
+    assert limited
+    busy = four_vms(active=0.9, guest_free=0)  # they turned busy: not victims any more
+    out = sched.plan(snapshot(busy, TOTAL, int(0.015 * TOTAL), time=1.0))
+    lifted = {d.action.vm for d in out if "no longer a victim" in d.reason}
+    assert lifted == limited, out
 
 
 def test_soft_lifts_swap_limits_set_in_hard_or_low() -> None:

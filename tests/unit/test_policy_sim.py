@@ -56,7 +56,8 @@ BUSY = wl("busy", 190 * MiB, 20_000.0)
 def test_idle_tax_moves_memory_from_the_idle_vm_to_the_active_one() -> None:
     def run(tax: float) -> tuple[float, float, int]:
         h = SimHost(SimHostConfig(memory=320 * MiB), [vm("idle", IDLE), vm("busy", BUSY)], seed=3)
-        pol = get_policy("memvisor", tax=tax)
+        # the net-yield gates also protect the busy VM, whatever the tax: off, to see the tax
+        pol = get_policy("memvisor", tax=tax, soft_min_net_yield=0.0, min_net_yield=0.0)
         done = {"idle": 0.0, "busy": 0.0}
 
         def watch(snap: Snapshot, decisions: list[Decision]) -> None:
@@ -160,7 +161,9 @@ def test_reservations_are_never_reclaimed_even_in_low() -> None:
         acted.extend(decisions)
 
     acted: list[Decision] = []
-    drive(h, get_policy("memvisor"), 60, watch)
+    # every VM is busy: with the default gates the host kernel alone would reclaim; with the
+    # gates off the scheduler squeezes them as hard as LOW allows, never into a reservation
+    drive(h, get_policy("memvisor", soft_min_net_yield=0.0, min_net_yield=0.0), 60, watch)
     assert acted, "the host was never short of memory"
 
 

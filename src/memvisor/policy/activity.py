@@ -1,10 +1,14 @@
 """Active-memory estimates: sampled working-set fractions smoothed by two moving averages.
 
-Each VM's sampled active fraction feeds a fast and a slow exponentially weighted moving
-average; the estimate is the larger of the two. When a VM's working set grows, the fast average
-follows within seconds and wins; when it shrinks, the slow average still remembers the larger
-set and wins, so memory is taken away from a VM only after it has stayed idle for a while
-(respond fast to growth, slowly to decay — the rule ESX uses for its idle memory tax).
+Each VM's sampled active fraction feeds a fast exponentially weighted moving average and a
+slow one that holds peaks: it rises at once to a higher sample and decays toward lower ones
+with a long half-life (600 s). The estimate is the larger of the two. When a VM's working set
+grows the estimate follows at the next sample; when it shrinks the slow average still
+remembers the larger set, so memory is taken away from a VM only after it has stayed idle for
+many minutes (respond fast to growth, slowly to decay — the rule ESX uses for its idle memory
+tax). Holding the peak rather than averaging matters for periodic load: a plain slow average of
+a VM busy half of the time settles at half its working set, and the VM's working set would be
+reclaimed in every pause and faulted back when it resumes.
 
 Time comes only from the observations: weights depend on the seconds between two samples, so
 the estimate does not depend on how often the policy runs.
@@ -63,7 +67,10 @@ class ActivityEstimator:
                 dt = time - avg.time
                 s = self.settings
                 avg.fast += ewma_weight(dt, s.fast_half_life) * (sample - avg.fast)
-                avg.slow += ewma_weight(dt, s.slow_half_life) * (sample - avg.slow)
+                if sample > avg.slow:  # the slow average holds peaks: it rises at once
+                    avg.slow = sample
+                else:  # and forgets them with the slow half-life
+                    avg.slow += ewma_weight(dt, s.slow_half_life) * (sample - avg.slow)
                 avg.time = time
         return self.estimate(vm)
 

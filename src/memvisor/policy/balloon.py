@@ -15,6 +15,10 @@ controller moves the real target there in steps, and refuses to hurt the guest:
   memory is under the floor, the balloon deflates by the shortfall. The floor sits below a
   guest kernel's own free-memory watermark, so a guest that still has idle memory to reclaim
   stays above it by itself.
+- Working set: a back-off releases at least what the guest's active set needs beside the
+  balloon (the active estimate, which the scheduler passes peak-holding, plus the floor and a
+  headroom), at most the deflate rate: a VM that turns busy and starts paging gets its room
+  back at once instead of paging its working set out and in again for several ticks.
 - Back-off: when a paging signal exceeds its limit, the balloon releases a fraction
   ``backoff`` of its size (multiplicative decrease) and does not inflate again for ``hold``
   seconds. The step is marked ``limited`` so the scheduler shifts the reclamation to other VMs
@@ -50,13 +54,20 @@ class BalloonSettings:
     backoff: float = 0.5  # fraction of the balloon released when a limit is exceeded
     hold: float = 15.0  # seconds without inflating after a back-off
     nominal_tick: float = 1.0  # seconds assumed before the second observation
+    working_set_headroom: int = 16 * MiB  # kept free beside the active memory and the floor
 
     def __post_init__(self) -> None:
         if not 0.0 < self.gain <= 1.0:
             raise InputError(f"balloon.gain must be in (0, 1], got {self.gain}")
         if not 0.0 < self.backoff <= 1.0:
             raise InputError(f"balloon.backoff must be in (0, 1], got {self.backoff}")
-        for name in ("max_inflate_rate", "max_deflate_rate", "dead_band", "guest_free_floor_min"):
+        for name in (
+            "max_inflate_rate",
+            "max_deflate_rate",
+            "dead_band",
+            "guest_free_floor_min",
+            "working_set_headroom",
+        ):
             if getattr(self, name) < 0:
                 raise InputError(f"balloon.{name} must not be negative")
         if not 0.0 <= self.guest_free_floor < 1.0:
@@ -174,8 +185,15 @@ class BalloonController:
         if squeezed:
             st.hold_until = now + s.hold
             # the guest's paging rate is how fast it lacks memory: give back at least twice that
-            lack = int(2 * max(vm.guest_swapped_out_rate, vm.reserved_paged_out_rate) * PAGE_SIZE)
-            return self._back_off(free, cur, floor, dt, f"{squeezed}: back off", lack)
+            rate = int(2 * max(vm.guest_swapped_out_rate, vm.reserved_paged_out_rate) * PAGE_SIZE)
+            # and at least what its active set needs beside the balloon (a VM that turned busy
+            # gets its room back at once instead of paging its working set out and in again)
+            act = active if active is not None else vm.active_fraction
+            ws = 0 if act is None else int(min(max(act, 0.0), 1.0) * spec.memory)
+            need = ws + floor + s.working_set_headroom - (spec.memory - cur)
+            if free is not None and free >= floor + s.working_set_headroom:
+                need = 0  # the guest still has free memory: the paging is not its working set
+            return self._back_off(free, cur, floor, dt, f"{squeezed}: back off", rate, need)
         if free is not None and free < floor:
             return self._back_off(
                 free, cur, floor, dt, f"guest free {_mib(free)} < floor {_mib(floor)}"
@@ -187,10 +205,17 @@ class BalloonController:
         return self._track(free, idle, st, cur, desired, floor, dt, now)
 
     def _back_off(
-        self, free: int | None, cur: int, floor: int, dt: float, why: str, lack: int = 0
+        self,
+        free: int | None,
+        cur: int,
+        floor: int,
+        dt: float,
+        why: str,
+        lack: int = 0,
+        need: int = 0,
     ) -> BalloonStep:
         s = self.settings
-        release = max(int(s.backoff * cur), s.dead_band, int(lack * max(dt, s.nominal_tick)))
+        release = max(int(s.backoff * cur), s.dead_band, int(lack * max(dt, s.nominal_tick)), need)
         if free is not None:
             release = max(release, floor - free)
         release = min(release, int(s.max_deflate_rate * dt), cur)

@@ -17,11 +17,18 @@ Every call to :meth:`MemvisorScheduler.plan`:
      squeezing a busy VM's working set to keep a free-memory margin costs more than it saves.
      No swapping: swap limits set in HARD or LOW are lifted (a kept limit would make the
      hypervisor swap the VM's pages again each time it faults them back).
-   - HARD: the same, and what the balloons cannot take (the guest is at its floor or paging,
-     or the balloon's rate limit) is swapped to the VMs' own swap files, in the same order.
-   - LOW: swap harder: what the balloons do not free this tick is swapped from the victims in
-     order at four times the HARD rate, and VMs above entitlement are given nothing back except
-     what their own guest's protection (balloon back-off) releases.
+   - HARD: the same among VMs with a net yield of at least ``min_net_yield`` (mostly idle by
+     the peak-holding activity estimate), and what their balloons cannot take (the guest is at
+     its floor or paging, or the balloon's rate limit) is swapped to their own swap files, in
+     the same order. Swap limits of VMs that are no longer victims are lifted.
+   - LOW: swap harder: what the balloons do not free this tick is swapped from the same
+     victims in order at four times the HARD rate, and VMs above entitlement are given nothing
+     back except what their own guest's protection (balloon back-off, working set) releases.
+
+   Busy VMs are not squeezed in any state: their pages come back at once, through the guest's
+   swap or the hypervisor's blind swap, at a higher cost than the host kernel's own LRU
+   reclaim, which stays the last resort when the idle VMs have nothing left to give (measured
+   in docs/policy.md: squeezing them lost 7-10% of the throughput under sustained pressure).
 
 A VM's reservation is never reclaimed: balloons stay at or below memory - reservation, swap
 limits at or above the reservation (and in SOFT/HARD above the entitlement). Decisions are made
@@ -72,8 +79,8 @@ class SchedulerSettings:
     demand_headroom: float = 0.05  # of memory, added to what a VM holds to get its demand
     swap_rate: int = 128 * MiB  # bytes per second per VM in HARD
     dead_band: int = 4 * MiB
-    soft_min_net_yield: float = 0.25  # SOFT balloons and HARD swaps only above this net yield
-    low_min_net_yield: float = 0.05  # LOW swaps only above this net yield
+    soft_min_net_yield: float = 0.5  # SOFT balloons only above this net yield
+    min_net_yield: float = 0.5  # HARD and LOW balloon and swap only above this net yield
     growth_guard: int = 4 * MiB  # bytes/s of host memory growth that exempts a VM this tick
 
     def __post_init__(self) -> None:
@@ -204,8 +211,12 @@ class MemvisorScheduler:
         )
         need = int(self.free_target * host.total) - host.free - in_flight
         victims = order(self._candidates(t, vms))
-        if t.state is HostState.SOFT:  # not an emergency: only where reclaiming pays
-            victims = [c for c in victims if c.net_yield >= self.settings.soft_min_net_yield]
+        # Only where reclaiming pays: a page taken from a VM that is busy (or was busy minutes
+        # ago) is faulted back soon, at a cost above the host kernel's own LRU reclaim, which
+        # remains the last resort (measured: docs/policy.md, pressure-150)
+        soft = t.state is HostState.SOFT
+        gate = self.settings.soft_min_net_yield if soft else self.settings.min_net_yield
+        victims = [c for c in victims if c.net_yield >= gate]
         by_name = {s.name: (s, o) for s, o in vms}
         left, short = self._balloon_victims(t, victims, by_name, need)
         chosen = {c.name for c in victims}
@@ -214,6 +225,9 @@ class MemvisorScheduler:
                 self._hold_or_release(t, spec, obs)
         if t.state in (HostState.HARD, HostState.LOW):
             self._swap_victims(t, victims, by_name, left, short)
+            for spec, _obs in vms:  # a limit set on a VM that is no longer a victim goes
+                if spec.name not in chosen:
+                    self._lift_swap(t, spec, spec.memory, "no longer a victim")
         if t.state is HostState.SOFT:  # swap is for HARD and LOW; in SOFT balloons do it all
             for spec, _obs in vms:
                 self._lift_swap(t, spec, spec.memory, "SOFT state reclaims by balloon only")
@@ -282,16 +296,12 @@ class MemvisorScheduler:
         swap file (C4): it is skipped and the next victim swaps instead."""
         low = t.state is HostState.LOW
         rate = self.settings.swap_rate * (4 if low else 1)
-        gate = self.settings.soft_min_net_yield
         for c in victims:
             if left <= 0:
                 break
             if not low and c.name not in short:
                 continue
             if by_name[c.name][0].backing is not Backing.FILE:
-                continue
-            # hypervisor swap picks pages blind: a fraction f of them is working set
-            if c.net_yield < (self.settings.low_min_net_yield if low else gate):
                 continue
             spec, obs = by_name[c.name]
             bottom = max(spec.reservation, t.alloc.of(spec.name))

@@ -138,6 +138,8 @@ def sample_active(host: SimHost, vm: VMRun, dt: float) -> None:
         return
     if vm.sample_idx is not None:
         touched = host.pt.last_access[vm.sample_idx] >= vm.sample_start
+        # the reservation program's pages are touched when it takes them: not working set
+        touched &= host.pt.use[vm.sample_idx] != G_RESERVED
         vm.active_estimate = float(np.count_nonzero(touched)) / vm.sample_idx.size
     n = host.cfg.active_sample_pages
     vm.sample_idx = vm.sample_rng.integers(vm.offset, vm.offset + vm.pages, n)
