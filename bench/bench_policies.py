@@ -10,6 +10,9 @@ Scenarios (each run with every policy, same seed):
 - ``pressure-150``: the same VMs with larger working sets (420 of 430 MiB, 8 MiB of page
   cache): the working sets no longer fit, so memory must move at every switch in the steady
   state too.
+- ``batch-150``: mixed-150 where the alternating VMs run batch jobs that exit at the end of
+  each busy phase and free their memory (the guest knows those pages are free; the host still
+  backs them).
 - ``idle-tax``: 8 VMs of 512 MiB on 150% overcommit, 4 idle and 4 whose working sets grow
   larger than an equal split would give them.
 
@@ -80,13 +83,20 @@ def _workload(
 
 
 def _alternating(
-    first_busy: bool, busy: Phase = BUSY, period: float = 60.0, rounds: int = 40
+    first_busy: bool,
+    busy: Phase = BUSY,
+    period: float = 60.0,
+    rounds: int = 40,
+    release: bool = False,
 ) -> tuple[Phase, ...]:
+    """Busy and idle phases of ``period`` seconds; with ``release`` the job exits at the end
+    of each busy phase and frees what it allocated (the next busy phase allocates it again)."""
+    idle = replace(IDLE, release=release)
     out = []
     for k in range(rounds):
-        b = busy if (k % 2 == 0) == first_busy else IDLE
-        out.append(Phase(period, b.working_set, b.skew, b.access_rate, b.write_fraction))
-    return (*out, IDLE)
+        b = busy if (k % 2 == 0) == first_busy else idle
+        out.append(replace(b, duration=period))
+    return (*out, idle)
 
 
 def mixed_150(
@@ -94,6 +104,7 @@ def mixed_150(
     working_set: int = 380 * MiB,
     footprint: int = 400 * MiB,
     page_cache: int = 24 * MiB,
+    release: bool = False,
 ) -> tuple[SimHostConfig, list[SimVMConfig]]:
     kinds = ["busy"] * 7 + ["idle"] * 3 + ["alt-a"] * 3 + ["alt-b"] * 3
     busy = replace(BUSY, working_set=working_set)
@@ -105,7 +116,7 @@ def mixed_150(
             if kind == "busy"
             else (IDLE,)
             if kind == "idle"
-            else _alternating(kind == "alt-a", busy)
+            else _alternating(kind == "alt-a", busy, release=release)
         )
         wl = _workload(kind, phases, common, footprint, page_cache)
         vms.append(SimVMConfig(name=f"{kind}-{i:02d}", memory=512 * MiB, workload=wl, image=image))
@@ -132,6 +143,9 @@ SCENARIOS = {
     "pressure-150": lambda: mixed_150(
         working_set=420 * MiB, footprint=430 * MiB, page_cache=8 * MiB
     ),
+    # the alternating VMs run batch jobs that exit between runs: the guest frees the job's
+    # memory, the host cannot see it (the balloon's classic advantage)
+    "batch-150": lambda: mixed_150(release=True),
     "idle-tax": idle_tax,
 }
 

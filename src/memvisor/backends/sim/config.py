@@ -23,6 +23,11 @@ class Phase:
     ``access_rate`` is page touches per second when the VM runs at full speed; the touched
     pages are drawn from the first ``working_set`` bytes of the workload's anonymous memory
     (in a fixed random order), with Zipf exponent ``skew`` (0 is uniform).
+
+    With ``release``, the workload frees its anonymous memory beyond this phase's working set
+    when the phase starts (a job that exits, a process that shrinks): the guest puts those
+    pages on its free list and forgets their content; the host keeps backing them (it cannot
+    know they are free) until it reclaims them; touched again later they are new allocations.
     """
 
     duration: float | None = None  # None: until the end of the run (only for the last phase)
@@ -30,6 +35,7 @@ class Phase:
     skew: float = 0.0
     access_rate: float = 10_000.0
     write_fraction: float = 0.1
+    release: bool = False
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -64,12 +70,15 @@ class Workload:
     trace_file: str | None = None  # the CSV file the trace came from (docs/simulator.md)
 
     def phase_at(self, t: float) -> Phase:
+        return self.phases[self.phase_index(t)]
+
+    def phase_index(self, t: float) -> int:
         start = 0.0
-        for phase in self.phases:
+        for i, phase in enumerate(self.phases):
             if phase.duration is None or t < start + phase.duration:
-                return phase
+                return i
             start += phase.duration
-        return self.phases[-1]
+        return len(self.phases) - 1
 
 
 @dataclass(frozen=True, slots=True)

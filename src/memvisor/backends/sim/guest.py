@@ -187,3 +187,21 @@ def _deflate(host: SimHost, vm: VMRun, k: int) -> None:
         pt.set_state(g, UNTOUCHED, vm.index)
         pt.use[g] = G_FREE
     vm.balloon_budget -= k
+
+
+def release(host: SimHost, vm: VMRun, keep: int) -> int:
+    """The workload frees its anonymous pages beyond the first ``keep`` of its working-set
+    order: resident ones go to the guest's free list (the host still backs them), paged-out
+    ones leave the guest's swap; all are new allocations when touched again. Returns the
+    pages freed from guest memory."""
+    pt = host.pt
+    logical = vm.ws_order[keep:]
+    state = vm.lstate[logical]
+    resident = logical[state == L_MEM]
+    g = vm.l2g[resident]
+    pt.use[g] = G_FREE
+    pt.g2l[g] = -1
+    vm.l2g[resident] = -1
+    vm.guest_swap_used -= int(np.count_nonzero(state == L_GSWAPPED))
+    vm.lstate[logical] = L_NEW
+    return int(resident.size)

@@ -375,6 +375,7 @@ class SimHost:
         self.tick += 1
         t = self.clock.now() - self.start_time
         for vm in self.vms:
+            self._phase_change(vm, t)
             guest.balloon_step(self, vm)
             self.swap_step(vm)
         cap = self.cfg.max_accesses_per_tick
@@ -393,6 +394,20 @@ class SimHost:
             self._reset_tick(vm, dt)
         self.disk.end_tick(dt)
         self.clock.advance(dt)
+
+    def _phase_change(self, vm: VMRun, t: float) -> None:
+        """A workload entering a phase with ``release`` frees what lies beyond its new
+        working set."""
+        wl = vm.cfg.workload
+        if wl.trace is not None:
+            return
+        index = wl.phase_index(t)
+        if index == vm.phase:
+            return
+        vm.phase = index
+        phase = wl.phases[index]
+        if phase.release:
+            guest.release(self, vm, min(phase.working_set // PAGE_SIZE, vm.anon_pages))
 
     @staticmethod
     def _runnable(

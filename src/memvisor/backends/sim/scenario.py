@@ -184,6 +184,7 @@ PHASE_FIELDS: dict[str, tuple[str, Convert]] = {
     "skew": ("skew", number(0.0, 5.0)),
     "access_rate": ("access_rate", number(0.0, 1e8)),
     "write_fraction": ("write_fraction", number(0.0, 1.0)),
+    "release": ("release", boolean),
 }
 WORKLOAD_FIELDS: dict[str, tuple[str, Convert]] = {
     "footprint": ("footprint", size),

@@ -70,6 +70,7 @@ class VMRun:
     balloon_budget: int = 0  # pages the reservation program may still move this tick
     swap_budget: int = 0  # pages the host may still swap out this tick
     access_carry: float = 0.0
+    phase: int = -1  # index of the workload phase of the last tick (-1: before the first)
     kernel_carry: float = 0.0
     trace_pos: int = 0
     stats: TickStats = field(default_factory=TickStats)
