@@ -84,6 +84,21 @@ def test_phases_need_durations_but_the_last() -> None:
     assert "workloads.w.phases[0].duration" in problems(with_changes(workloads={"w": wl}))
 
 
+def test_release_is_a_phase_key_and_must_be_a_boolean() -> None:
+    phases = [
+        {"duration": 10, "working_set": "48MiB"},
+        {"working_set": "8MiB", "release": True},
+    ]
+    sc = parse_scenario(
+        with_changes(workloads={"w": {"footprint": "64MiB", "phases": phases}}), "test.toml"
+    )
+    got = [p.release for p in sc.vms[0].workload.phases]
+    assert got == [False, True]
+    phases[1]["release"] = "yes"
+    bad = problems(with_changes(workloads={"w": {"footprint": "64MiB", "phases": phases}}))
+    assert "workloads.w.phases[1].release" in bad
+
+
 def test_workload_must_fit_the_vm() -> None:
     found = problems(with_changes(workloads={"w": {"footprint": "1GiB"}}))
     assert any("do not fit" in msg for msg in found.values())
