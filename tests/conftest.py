@@ -1,0 +1,42 @@
+"""Session-wide safety net: the host's KSM knobs are put back the way the suite found them.
+
+Several tests turn KSM on and fast (and restore it themselves); the daemon and the policies can
+change it too. Whatever a test forgets or a crash skips, the session ends with the same
+``run``, ``pages_to_scan``, ``sleep_millisecs``, ``smart_scan`` and ``use_zero_pages`` it
+started with (a machine where they cannot be read or written is left alone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+KSM = Path("/sys/kernel/mm/ksm")
+KNOBS = ("pages_to_scan", "sleep_millisecs", "smart_scan", "use_zero_pages", "run")  # run last
+
+
+def read_knobs() -> dict[str, str]:
+    out = {}
+    for name in KNOBS:
+        try:
+            out[name] = (KSM / name).read_text().strip()
+        except OSError:
+            continue
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def restore_ksm() -> Iterator[None]:
+    found = read_knobs()
+    yield
+    now = read_knobs()
+    changed = [n for n in KNOBS if n in found and now.get(n) != found[n]]
+    for name in changed:
+        try:
+            (KSM / name).write_text(found[name])
+        except OSError as exc:
+            print(f"\nKSM: could not put {name} back to {found[name]}: {exc}")
+    if changed:
+        print("\nKSM: put back " + ", ".join(f"{n}={found[n]}" for n in changed))
