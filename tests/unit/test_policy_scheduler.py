@@ -180,12 +180,12 @@ def test_vms_that_are_off_are_ignored() -> None:
 
 
 def test_busy_vms_are_left_to_the_host_kernel_in_every_state() -> None:
-    busy = four_vms(active=0.9, guest_free=900 * MiB)  # net yield 0.1 < 0.25 and < 0.5
+    busy = four_vms(active=0.9, guest_free=900 * MiB)  # more active than max_active 0.5
     for free in (0.03, 0.015, 0.005):  # SOFT, HARD, LOW
         out = MemvisorScheduler().plan(snapshot(busy, TOTAL, int(free * TOTAL)))
         assert balloons(out) == {} and swaps(out) == {}, (free, out)
     # the gates are settings: with them at 0, HARD squeezes the busy VMs too
-    gateless = SchedulerSettings(soft_min_net_yield=0.0, min_net_yield=0.0)
+    gateless = SchedulerSettings(max_active=1.0)
     out = MemvisorScheduler(gateless).plan(snapshot(busy, TOTAL, int(0.015 * TOTAL)))
     assert balloons(out)
 

@@ -57,7 +57,7 @@ def test_idle_tax_moves_memory_from_the_idle_vm_to_the_active_one() -> None:
     def run(tax: float) -> tuple[float, float, int]:
         h = SimHost(SimHostConfig(memory=320 * MiB), [vm("idle", IDLE), vm("busy", BUSY)], seed=3)
         # the net-yield gates also protect the busy VM, whatever the tax: off, to see the tax
-        pol = get_policy("memvisor", tax=tax, soft_min_net_yield=0.0, min_net_yield=0.0)
+        pol = get_policy("memvisor", tax=tax, max_active=1.0)
         done = {"idle": 0.0, "busy": 0.0}
 
         def watch(snap: Snapshot, decisions: list[Decision]) -> None:
@@ -111,7 +111,7 @@ def _shared_scene(reverse: bool) -> tuple[list[str], int, int]:
     h = SimHost(SimHostConfig(memory=600 * MiB, ksm_pages_to_scan=20_000), vms, seed=11)
     drive(h, get_policy("none"), 30, nothing)  # boot; KSM merges the twins
     high_bar = StateThresholds(high=0.5, soft=0.45, hard=0.02, low=0.01)
-    pol = get_policy("memvisor", thresholds=high_bar, soft_min_net_yield=0.0)
+    pol = get_policy("memvisor", thresholds=high_bar, max_active=1.0)
     order: list[str] = []
     start_free = h.observe_host().free
     start_balloon = sum(o.ballooned for o in h.observe_vms())
@@ -163,7 +163,7 @@ def test_reservations_are_never_reclaimed_even_in_low() -> None:
     acted: list[Decision] = []
     # every VM is busy: with the default gates the host kernel alone would reclaim; with the
     # gates off the scheduler squeezes them as hard as LOW allows, never into a reservation
-    drive(h, get_policy("memvisor", soft_min_net_yield=0.0, min_net_yield=0.0), 60, watch)
+    drive(h, get_policy("memvisor", max_active=1.0), 60, watch)
     assert acted, "the host was never short of memory"
 
 

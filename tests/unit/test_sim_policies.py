@@ -18,7 +18,7 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "scenarios" / "idle-tax.toml"
 def run(tax: float) -> tuple[float, float, np.ndarray]:
     sc = load_scenario(EXAMPLE)
     # the net-yield gates also protect the busy VM whatever the tax: off, to see the tax alone
-    options = {"tax": tax, "soft_min_net_yield": 0.0, "min_net_yield": 0.0}
+    options = {"tax": tax, "max_active": 1.0}
     sc = replace(sc, policy=replace(sc.policy, options=options))
     r = simulate(sc, duration=180, check_invariants=True)
     busy, idle = r.vm_names.index("busy"), r.vm_names.index("idle")

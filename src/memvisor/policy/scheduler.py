@@ -12,13 +12,12 @@ Every call to :meth:`MemvisorScheduler.plan`:
    - HIGH: no reclamation. Free memory above the free target is given back: balloons
      deflate (VMs below entitlement first) and swap limits are lifted.
    - SOFT: bring free memory back to the target by ballooning VMs above their entitlement, the
-     VM that frees the most host memory per reclaimed page first (C1), among those where a
-     reclaimed page has a net yield (sharing x idleness) of at least ``soft_min_net_yield``:
-     squeezing a busy VM's working set to keep a free-memory margin costs more than it saves.
-     No swapping: swap limits set in HARD or LOW are lifted (a kept limit would make the
-     hypervisor swap the VM's pages again each time it faults them back).
-   - HARD: the same among VMs with a net yield of at least ``min_net_yield`` (mostly idle by
-     the peak-holding activity estimate), and what their balloons cannot take (the guest is at
+     VM that frees the most host memory per reclaimed page first (C1, net of idleness), among
+     the VMs whose activity estimate (peak-holding) is at most ``max_active``: squeezing a busy
+     VM's working set to keep a free-memory margin costs more than it saves. No swapping:
+     swap limits set in HARD or LOW are lifted (a kept limit would make the hypervisor swap
+     the VM's pages again each time it faults them back).
+   - HARD: the same victims, and what their balloons cannot take (the guest is at
      its floor or paging, or the balloon's rate limit) is swapped to their own swap files, in
      the same order. Swap limits of VMs that are no longer victims are lifted.
    - LOW: swap harder: what the balloons do not free this tick is swapped from the same
@@ -79,8 +78,7 @@ class SchedulerSettings:
     demand_headroom: float = 0.05  # of memory, added to what a VM holds to get its demand
     swap_rate: int = 128 * MiB  # bytes per second per VM in HARD
     dead_band: int = 4 * MiB
-    soft_min_net_yield: float = 0.5  # SOFT balloons only above this net yield
-    min_net_yield: float = 0.5  # HARD and LOW balloon and swap only above this net yield
+    max_active: float = 0.5  # every state reclaims only from VMs at most this active
     growth_guard: int = 4 * MiB  # bytes/s of host memory growth that exempts a VM this tick
 
     def __post_init__(self) -> None:
@@ -89,6 +87,8 @@ class SchedulerSettings:
             raise InputError(f"free_target must be in [0, 1), got {self.free_target}")
         if self.demand_headroom < 0 or self.swap_rate < 0 or self.dead_band < 0:
             raise InputError("demand_headroom, swap_rate and dead_band must not be negative")
+        if not 0.0 <= self.max_active <= 1.0:
+            raise InputError(f"max_active must be in [0, 1], got {self.max_active}")
 
 
 @dataclass
@@ -214,9 +214,7 @@ class MemvisorScheduler:
         # Only where reclaiming pays: a page taken from a VM that is busy (or was busy minutes
         # ago) is faulted back soon, at a cost above the host kernel's own LRU reclaim, which
         # remains the last resort (measured: docs/policy.md, pressure-150)
-        soft = t.state is HostState.SOFT
-        gate = self.settings.soft_min_net_yield if soft else self.settings.min_net_yield
-        victims = [c for c in victims if c.net_yield >= gate]
+        victims = [c for c in victims if c.active <= self.settings.max_active]
         by_name = {s.name: (s, o) for s, o in vms}
         left, short = self._balloon_victims(t, victims, by_name, need)
         chosen = {c.name for c in victims}
