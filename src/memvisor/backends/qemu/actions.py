@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from memvisor.backends.qemu import agentwire, hostmem, probes, swapout
+from memvisor.backends.qemu import agentwire, hostmem, swapout
 from memvisor.errors import BackendError, InputError
 from memvisor.model import ActionResult, Backing, SetBalloon, SetKsm, SetSwapTarget
 from memvisor.units import PAGE_SIZE, MiB, format_size
@@ -22,9 +22,6 @@ if TYPE_CHECKING:
     from memvisor.backends.qemu.host import QemuHost, RunningVM
 
 MIN_GUEST = 64 * MiB  # the balloon never leaves a guest less than this
-# virtio-balloon inflation leaves the guest at least this much of the MemAvailable it reports:
-# the guest cannot refuse the driver, and inflating past it OOM-kills /init (a guest panic)
-GUEST_KEEP = 32 * MiB
 BALLOON_SETTLE = 15.0  # seconds to wait for the guest to reach a balloon target
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 
@@ -103,10 +100,6 @@ def _balloon(
     spec = vm.spec
     why = "no guest agent" if vm.agent is None else f"agent {vm.agent.session.state.value}"
     qmp = vm.process.qmp()
-    held_now = spec.memory - int(qmp.cmd("query-balloon")["actual"])
-    target, limited = guest_room(target, held_now, probes.guest_stats(vm))
-    if limited:
-        note += f" (limited to what the guest reports available, keeping {format_size(GUEST_KEEP)})"
     before, free_before = consumed(host, vm), hostmem.meminfo()["MemAvailable"]
     qmp.cmd("balloon", value=spec.memory - target)
     vm.balloon_target = target
@@ -127,17 +120,6 @@ def _balloon(
         ),
         reclaim_path=agentwire.BALLOON,
     )
-
-
-def guest_room(target: int, held: int, stats: dict[str, int]) -> tuple[int, bool]:
-    """The balloon size virtio-balloon may ask for: growing from ``held``, it takes at most the
-    guest's reported MemAvailable less ``GUEST_KEEP`` (no statistics yet: ``target`` as is).
-    Shrinking is never limited. Returns (size, whether it was limited)."""
-    avail = stats.get("stat-available-memory")
-    if avail is None or target <= held:
-        return target, False
-    room = held + max(avail - GUEST_KEEP, 0)
-    return (room, True) if target > room else (target, False)
 
 
 def _wait_balloon(qmp: object, actual_target: int) -> int:
