@@ -79,9 +79,9 @@ class ActivityEstimator:
         return self.settings.unknown if avg is None else max(avg.fast, avg.slow)
 
     def recent(self, vm: str) -> float:
-        """The fast average alone: how active the VM is right now (for reports; the scheduler
-        uses :meth:`estimate`, which forgets activity slowly, for the idle tax and for "will a
-        page reclaimed now be touched again soon?")."""
+        """The fast average alone: how active the VM is right now. The scheduler does not use
+        it: :meth:`estimate`, which forgets activity slowly, answers both the idle tax and
+        "will a page reclaimed now be touched again soon?"."""
         avg = self._avg.get(vm)
         return self.settings.unknown if avg is None else avg.fast
 

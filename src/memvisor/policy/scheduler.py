@@ -218,14 +218,14 @@ class MemvisorScheduler:
         by_name = {s.name: (s, o) for s, o in vms}
         left, short = self._balloon_victims(t, victims, by_name, need)
         chosen = {c.name for c in victims}
+        swapping = t.state in (HostState.HARD, HostState.LOW)
         for spec, obs in vms:  # everyone else: only guest protection, or back to entitlement
             if spec.name not in chosen:
                 self._hold_or_release(t, spec, obs)
-        if t.state in (HostState.HARD, HostState.LOW):
-            self._swap_victims(t, victims, by_name, left, short)
-            for spec, _obs in vms:  # a limit set on a VM that is no longer a victim goes
-                if spec.name not in chosen:
+                if swapping:  # a limit set on a VM that is no longer a victim goes
                     self._lift_swap(t, spec, spec.memory, "no longer a victim")
+        if swapping:
+            self._swap_victims(t, victims, by_name, left, short)
         if t.state is HostState.SOFT:  # swap is for HARD and LOW; in SOFT balloons do it all
             for spec, _obs in vms:
                 self._lift_swap(t, spec, spec.memory, "SOFT state reclaims by balloon only")

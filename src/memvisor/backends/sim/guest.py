@@ -189,11 +189,10 @@ def _deflate(host: SimHost, vm: VMRun, k: int) -> None:
     vm.balloon_budget -= k
 
 
-def release(host: SimHost, vm: VMRun, keep: int) -> int:
+def release(host: SimHost, vm: VMRun, keep: int) -> None:
     """The workload frees its anonymous pages beyond the first ``keep`` of its working-set
     order: resident ones go to the guest's free list (the host still backs them), paged-out
-    ones leave the guest's swap; all are new allocations when touched again. Returns the
-    pages freed from guest memory."""
+    ones leave the guest's swap; all are new allocations when touched again."""
     pt = host.pt
     logical = vm.ws_order[keep:]
     state = vm.lstate[logical]
@@ -204,4 +203,3 @@ def release(host: SimHost, vm: VMRun, keep: int) -> int:
     vm.l2g[resident] = -1
     vm.guest_swap_used -= int(np.count_nonzero(state == L_GSWAPPED))
     vm.lstate[logical] = L_NEW
-    return int(resident.size)
