@@ -41,13 +41,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memvisor.model import SetBalloon, SetSwapTarget, Snapshot
-from memvisor.policy import get_policy
+from memvisor.policy import Policy, get_policy
+from memvisor.policy.activity import ActivityEstimator
+from memvisor.policy.scheduler import MemvisorScheduler
 from memvisor.policy.states import StateThresholds
 from memvisor.sim import Phase, SimHost, SimHostConfig, SimVMConfig, Workload
 from memvisor.units import PAGE_SIZE, MiB
 
 # (label, policy, settings). The second memvisor row is not the default: it keeps a smaller
 # free-memory margin (thresholds 2 / 1.5 / 1 / 0.5%), to show what the default 6% margin costs.
+# The third is a reference, not a policy anyone can run: memvisor told the future (see
+# Foresight), to show how much any policy could gain from knowing which VMs will be busy.
+FORESIGHT = 120.0  # seconds the foresight reference sees ahead
 POLICIES: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("memvisor", "memvisor", {}),
     (
@@ -55,6 +60,7 @@ POLICIES: tuple[tuple[str, str, dict[str, object]], ...] = (
         "memvisor",
         {"thresholds": StateThresholds(high=0.02, soft=0.015, hard=0.01, low=0.005)},
     ),
+    (f"(memvisor + {FORESIGHT:.0f} s foresight)", "memvisor", {"foresight": FORESIGHT}),
     ("mom", "mom", {}),
     ("proxmox", "proxmox", {}),
     ("none", "none", {}),
@@ -153,6 +159,47 @@ SCENARIOS = {
 WINDOWS = ("cold start", "steady state")
 
 
+class Foresight(ActivityEstimator):
+    """An activity estimator that knows the future: a VM's estimate is the largest working set
+    (as a fraction of its memory) its workload will have in the next ``horizon`` seconds. Only
+    the bench can build it (it reads the scenario's phase schedule); it bounds what the same
+    scheduler could achieve with a perfect answer to "will this VM be busy soon?"."""
+
+    def __init__(self, vms: list[SimVMConfig], horizon: float) -> None:
+        super().__init__()
+        self.horizon = horizon
+        self.start: float | None = None  # the first observation's time: the workloads' zero
+        self.now = 0.0
+        self.schedule: dict[str, list[tuple[float, float, float]]] = {}
+        for v in vms:
+            start, spans = 0.0, []
+            for p in v.workload.phases:
+                end = start + p.duration if p.duration is not None else float("inf")
+                spans.append((start, end, p.working_set / v.memory))
+                start = end
+            self.schedule[v.name] = spans
+
+    def update(self, vm: str, time: float, sample: float | None) -> float:
+        if self.start is None:
+            self.start = time
+        self.now = time - self.start
+        return self.estimate(vm)
+
+    def estimate(self, vm: str) -> float:
+        t0, t1 = self.now, self.now + self.horizon
+        return max((f for s, e, f in self.schedule[vm] if e > t0 and s < t1), default=0.0)
+
+
+def make_policy(name: str, settings: dict[str, object], vms: list[SimVMConfig]) -> Policy:
+    settings = dict(settings)
+    horizon = settings.pop("foresight", None)
+    policy = get_policy(name, **settings)
+    if horizon is not None:
+        assert isinstance(policy, MemvisorScheduler) and isinstance(horizon, float)
+        policy.activity = Foresight(vms, horizon)
+    return policy
+
+
 @dataclass
 class Outcome:
     scenario: str
@@ -199,7 +246,7 @@ def run(
     """One run of ``cold + steady`` simulated seconds; one outcome per window."""
     host_cfg, vms = SCENARIOS[scenario]()
     host = SimHost(host_cfg, vms, seed=seed)
-    policy = get_policy(policy_name, **(settings or {}))
+    policy = make_policy(policy_name, settings or {}, vms)
     specs = tuple(host.specs())
     windows = [_Window({v.name: 0.0 for v in vms}, {v.name: 0.0 for v in vms}) for _ in WINDOWS]
     started = time.perf_counter()

@@ -231,6 +231,35 @@ def test_ksm_merges_identical_pages_of_two_anonymous_vms(host: QemuHost) -> None
             smart.write_text(smart_saved)
 
 
+HOG = "python3 -S -c \"b = b'x' * (48 << 20); print('hog ok', len(b) >> 20)\""
+
+
+def test_a_balloon_the_guest_cannot_hold_does_not_kill_it(host: QemuHost) -> None:
+    """virtio-balloon at the largest target the backend allows (the guest keeps 64 MiB). This
+    guest's kernel, RAM-resident root file system, agent and buffer program do not fit in
+    64 MiB: before QEMU's ``deflate-on-oom`` was switched on, the guest's OOM killer killed
+    init during the inflation and the kernel panicked. Now the guest takes balloon pages back
+    before it kills anything, and a 48 MiB allocation inside it succeeds."""
+    saved = hostmem.ksm_stats()
+    host.apply(SetKsm(run=0))  # anonymous RAM without KSM: virtio-balloon acts, not the agent
+    try:
+        result = host.apply(SetBalloon("anon2", 256 * MiB))
+        print(result.message)
+        assert "clamped" in result.message and result.reclaim_path == "virtio-balloon"
+        with shell(host, "anon2") as sh:
+            out = sh.run(HOG, timeout=240)
+        vm = host.running("anon2")
+        assert vm.process.alive(), vm.process.console_tail()
+        assert out.rc == 0 and "hog ok 48" in out.output, (out, vm.process.console_tail())
+        obs = host.observe_vm("anon2", sharing=False)
+        print(f"after the allocation: ballooned {obs.ballooned / MiB:.0f} MiB of "
+              f"{obs.balloon_target / MiB:.0f} MiB")  # fmt: skip
+        assert obs.power is PowerState.ON and obs.ballooned < 192 * MiB
+    finally:
+        host.apply(SetBalloon("anon2", 0))
+        host.apply(SetKsm(saved.run, saved.pages_to_scan, saved.sleep_millisecs))
+
+
 def wait_path(host: QemuHost, name: str, path: str, timeout: float) -> VMObservation:
     deadline = time.monotonic() + timeout
     obs = host.observe_vm(name, sharing=False)

@@ -152,7 +152,10 @@ def qemu_command(spec: LaunchSpec, image: GuestImage, paths: VMPaths) -> list[st
         "-mon", "chardev=qmp0,mode=control",
         "-chardev", f"socket,id=qmp1,path={paths.qmp_aux},server=on,wait=off",
         "-mon", "chardev=qmp1,mode=control",
-        "-device", f"virtio-balloon-pci,id={BALLOON_ID},free-page-reporting={fpr}",
+        # deflate-on-oom: the guest takes balloon pages back before its OOM killer kills
+        # anything (a balloon the guest cannot hold killed init and panicked it: docs/qemu.md)
+        "-device",
+        f"virtio-balloon-pci,id={BALLOON_ID},deflate-on-oom=on,free-page-reporting={fpr}",
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=agent0,path={paths.agent},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME}",
