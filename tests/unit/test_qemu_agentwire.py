@@ -5,10 +5,11 @@ are stand-ins here, the real ones run in tests/e2e/test_qemu_host.py)."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
-from tests.unit.test_agent_host import RecordingBacking, line
+from tests.unit.test_agent_host import RecordingBacking, line, reserve, sent
 
 from memvisor.agent import protocol as p
 from memvisor.agent.backing import RamLayout
@@ -76,3 +77,19 @@ def test_balloon_only_keeps_the_balloon_with_a_healthy_agent() -> None:
     assert agentwire.refine(vm, obs()).reclaim_path == "virtio-balloon"
     agentwire.set_target(vm.agent, 4 * MiB)  # KSM back on: the agent takes over
     assert balloon.calls == [4 * MiB, 0] and s.target_pages == 1024
+
+
+def test_a_working_set_sample_taken_while_the_agent_reserved_pages_is_dropped() -> None:
+    """The agent writes to the pages it takes; the probe would count them as the workload's."""
+    vm, s, _, _ = wired()
+    s.connected()
+    s.receive(line(p.Hello((1, 2), "t", 4096, "i", 0)))
+    s.receive(line(p.Pages(None, "resync", (), (), reset=True)))
+    sent(s)
+    busy = replace(obs(), active_fraction=0.3)
+    assert agentwire.refine(vm, busy).active_fraction == 0.3  # nothing taken yet
+    agentwire.set_target(vm.agent, 4 * MiB)
+    reserve(s, ((512, 512), (4096, 512)))
+    o = agentwire.refine(vm, busy)
+    assert o.ballooned == 4 * MiB and o.active_fraction is None  # this interval's sample
+    assert agentwire.refine(vm, busy).active_fraction == 0.3  # the next one counts again
