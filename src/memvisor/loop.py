@@ -8,7 +8,9 @@ fails is recorded with its outcome and the other actions still run. The loop nev
 backend error, only when told to stop.
 
 Observations and decisions are committed before any action is applied, so after a crash the
-record shows what was about to be done; action outcomes are committed right after.
+record shows what was about to be done; action outcomes are committed right after. The policy's
+activity averages (the memvisor scheduler's) are committed with each tick and taken up by the
+next run at its first tick, if they were saved on the same clock.
 """
 
 from __future__ import annotations
@@ -30,10 +32,15 @@ from memvisor.model import (
     VMObservation,
     VMSpec,
 )
+from memvisor.policy.activity import ActivityEstimator
 from memvisor.policy.states import FreeMemoryStates, StateThresholds
 from memvisor.store import Retention, Store, VMExtras
 
 log = logging.getLogger(__name__)
+
+# Saved activity history is taken up only if the backend's clock and the wall clock agree on
+# how long ago it was saved, within this many seconds.
+HISTORY_CLOCK_SLACK = 60.0
 
 
 class Policy(Protocol):
@@ -97,6 +104,7 @@ class ControlLoop:
         self.last_tick_seconds = 0.0
         self._power: dict[str, PowerState] = {}
         self._states = FreeMemoryStates(thresholds_of(policy))
+        self._history_pending = True  # take up the saved activity history at the first tick
 
     # --- one tick ------------------------------------------------------------------------
 
@@ -119,14 +127,22 @@ class ControlLoop:
         except Exception as exc:  # isolation: a failed observation skips this tick only
             return self._skip("observe", exc)
         self._record_power_changes(snapshot.vms)
+        estimator = getattr(self.policy, "activity", None)
+        if not isinstance(estimator, ActivityEstimator):
+            estimator = None
+        if self._history_pending:
+            self._history_pending = False
+            if estimator is not None:
+                self._guard("restore history", lambda: self._restore(estimator, snapshot))
         try:
             decisions = list(self.policy.plan(snapshot))
             state, extras = self._policy_extras(snapshot)
         except Exception as exc:
             return self._skip("plan", exc)
         tick, ids = self.store.record_tick(
-            snapshot.host, state, snapshot.specs, snapshot.vms, decisions, extras
-        )
+            snapshot.host, state, snapshot.specs, snapshot.vms, decisions, extras,
+            activity=estimator.export() if estimator is not None else None,
+        )  # fmt: skip
         results = [(dec_id, self._apply(d)) for dec_id, d in zip(ids, decisions, strict=True)]
         self.store.record_actions(results)
         failed = sum(1 for _, r in results if not r.ok)
@@ -159,6 +175,32 @@ class ControlLoop:
                 if v.name in entitlement:
                     extras[v.name] = VMExtras(entitlement=int(entitlement[v.name]))
         return str(state), extras
+
+    def _restore(self, estimator: ActivityEstimator, snapshot: Snapshot) -> None:
+        """Take up the activity averages an earlier run saved, so a restarted manager does not
+        treat every VM as unknown (a VM that was busy minutes ago, paused now, would be squeezed
+        at once). Only if they were saved on the clock this backend runs on: the time passed
+        since, on the backend's clock, must match the wall clock's (a rebooted host restarts
+        its monotonic clock, a new simulated host its own)."""
+        saved = self.store.activity()
+        if not saved:
+            return
+        now, wall = snapshot.host.time, self.store.wall()
+        same_clock = {
+            vm: (t, fast, slow)
+            for vm, (t, saved_wall, fast, slow) in saved.items()
+            if now - t >= 0.0 and abs((now - t) - (wall - saved_wall)) <= HISTORY_CLOCK_SLACK
+        }
+        refused = estimator.restore(same_clock)
+        taken = sorted(same_clock.keys() - set(refused))
+        other = sorted(saved.keys() - same_clock.keys())
+        message = f"activity history taken up for {len(taken)} VM(s)"
+        message += f" ({', '.join(taken)})" if taken else ""
+        if other:
+            message += f"; not for {', '.join(other)}: saved on another clock (host rebooted?)"
+        if refused:
+            message += f"; refused (values out of range) for {', '.join(sorted(refused))}"
+        self.store.record_event("policy.history", message)
 
     def _apply(self, decision: Decision) -> ActionResult:
         try:

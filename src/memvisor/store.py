@@ -21,7 +21,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +69,9 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, wall REAL NOT NULL, vm TEXT, kind TEXT NOT NULL,
     message TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_wall ON events (wall);
+CREATE TABLE IF NOT EXISTS activity (
+    vm TEXT PRIMARY KEY, t REAL NOT NULL, wall REAL NOT NULL, fast REAL NOT NULL,
+    slow REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS hits (
     id INTEGER PRIMARY KEY AUTOINCREMENT, wall REAL NOT NULL, vm TEXT NOT NULL,
     symbol TEXT NOT NULL, address TEXT NOT NULL, vcpu INTEGER, detail TEXT NOT NULL);
@@ -123,6 +126,10 @@ class Store:
     def open(cls, state_dir: Path, *, wall: Callable[[], float] = time.time) -> Store:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return cls(state_dir / DB_NAME, wall=wall)
+
+    def wall(self) -> float:
+        """The wall clock this store stamps its rows with."""
+        return self._wall()
 
     # --- connections and transactions ----------------------------------------------------
 
@@ -184,8 +191,11 @@ class Store:
         vms: Sequence[VMObservation],
         decisions: Sequence[Decision],
         extras: dict[str, VMExtras] | None = None,
+        activity: Mapping[str, tuple[float, float, float]] | None = None,
     ) -> tuple[int, list[int]]:
-        """Record one tick's observations and decisions; returns the tick id and decision ids."""
+        """Record one tick's observations and decisions, and the policy's activity averages
+        (vm -> (time, fast, slow), replacing the previous ones) in the same transaction;
+        returns the tick id and decision ids."""
         wall = self._wall()
         by_name = {s.name: s for s in specs}
         extras = extras or {}
@@ -202,6 +212,11 @@ class Store:
                 [_vm_row(tick, wall, v, by_name.get(v.name), extras.get(v.name)) for v in vms],
             )
             ids = [self._insert_decision(c, tick, wall, d) for d in decisions]
+            if activity:
+                c.executemany(
+                    "INSERT OR REPLACE INTO activity VALUES (?,?,?,?,?)",
+                    [(vm, t, wall, fast, slow) for vm, (t, fast, slow) in activity.items()],
+                )
             _bump(c, "ticks", 1)
             _bump(c, "decisions", len(decisions))
         return tick, ids
@@ -296,6 +311,12 @@ class Store:
     def counters(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT name, value FROM counters").fetchall()
         return {str(r[0]): int(r[1]) for r in rows}
+
+    def activity(self) -> dict[str, tuple[float, float, float, float]]:
+        """The activity averages saved with the last tick: vm -> (time on the backend's clock,
+        wall time, fast, slow)."""
+        rows = self._conn().execute("SELECT vm, t, wall, fast, slow FROM activity").fetchall()
+        return {str(r[0]): (float(r[1]), float(r[2]), float(r[3]), float(r[4])) for r in rows}
 
     def latest_host(self) -> Row | None:
         rows = self._rows("SELECT * FROM ticks ORDER BY id DESC LIMIT 1")

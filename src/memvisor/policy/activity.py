@@ -16,6 +16,7 @@ the estimate does not depend on how often the policy runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from memvisor.errors import InputError
@@ -87,3 +88,21 @@ class ActivityEstimator:
 
     def forget(self, vm: str) -> None:
         self._avg.pop(vm, None)
+
+    def export(self) -> dict[str, tuple[float, float, float]]:
+        """Each VM's averages as (time of the last sample, fast, slow): what a restarted
+        manager needs to go on where this one stopped (see :meth:`restore`)."""
+        return {vm: (a.time, a.fast, a.slow) for vm, a in self._avg.items()}
+
+    def restore(self, saved: dict[str, tuple[float, float, float]]) -> list[str]:
+        """Take up averages saved by :meth:`export`, on the same clock: the next sample decays
+        them by the time that has passed since, as if the manager had never stopped. Values
+        outside 0..1 or times that are not finite are refused (the VMs named in the returned
+        list); VMs this estimator already has samples for keep their own."""
+        refused = []
+        for vm, (time, fast, slow) in saved.items():
+            if not (math.isfinite(time) and 0.0 <= fast <= 1.0 and 0.0 <= slow <= 1.0):
+                refused.append(vm)
+                continue
+            self._avg.setdefault(vm, _Averages(time, fast, slow))
+        return refused
