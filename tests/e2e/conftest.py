@@ -31,34 +31,17 @@ interfaces, root; they skip with the reason printed on machines that lack one.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_run import require_qemu, require_root
 
-from memvisor.backends.qemu.launcher import QEMU_BINARY, GuestShell, LaunchSpec, VMProcess, launch
-from memvisor.errors import InputError
-from memvisor.guestimage import GuestImage, build_image, find_kernel_tree
+from memvisor.backends.qemu.launcher import GuestShell, LaunchSpec, VMProcess, launch
+from memvisor.guestimage import GuestImage, build_image
 from memvisor.model import Backing
 from memvisor.units import MiB
-
-
-def require_qemu() -> None:
-    """Skip (with the reason) unless QEMU and the guest kernel are installed."""
-    if shutil.which(QEMU_BINARY) is None:
-        pytest.skip(f"needs QEMU: {QEMU_BINARY} not installed (scripts/setup.sh)")
-    try:
-        find_kernel_tree()
-    except InputError as exc:
-        pytest.skip(f"needs the guest kernel: {exc}")
-
-
-def require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: host memory interfaces (/proc/PID/pagemap, KSM, cgroups)")
 
 
 @pytest.fixture(scope="session")

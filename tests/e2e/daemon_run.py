@@ -49,8 +49,8 @@ memory = "512MiB"
 """
 
 
-def require_qemu_and_root() -> None:
-    """Skip, saying why, unless QEMU, the guest kernel and root are all here."""
+def require_qemu() -> None:
+    """Skip (with the reason) unless QEMU and the guest kernel are installed."""
     import pytest
 
     from memvisor.backends.qemu.launcher import QEMU_BINARY
@@ -63,8 +63,19 @@ def require_qemu_and_root() -> None:
         find_kernel_tree()
     except InputError as exc:
         pytest.skip(f"needs the guest kernel: {exc}")
+
+
+def require_root() -> None:
+    import pytest
+
     if os.geteuid() != 0:
         pytest.skip("needs root: host memory interfaces (/proc/PID/pagemap, KSM, cgroups)")
+
+
+def require_qemu_and_root() -> None:
+    """Skip, saying why, unless QEMU, the guest kernel and root are all here."""
+    require_qemu()
+    require_root()
 
 
 def free_port() -> int:

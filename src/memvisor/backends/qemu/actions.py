@@ -81,16 +81,33 @@ def _agent_result(
     after = consumed(host, vm)
     with agent.link.lock:
         report = s.report()
+    holder = f"{vm.spec.name}: guest agent"
+    return _held(action, holder, report.held_present, report.target, note, before, after, "",
+                 agentwire.AGENT)  # fmt: skip
+
+
+def _held(
+    action: SetBalloon,
+    holder: str,
+    held: int,
+    target: int,
+    note: str,
+    before: int,
+    after: int,
+    extra: str,
+    path: str,
+) -> ActionResult:
+    """The result of a reservation or balloon change: ok once ``held`` is within 4 MiB of the
+    target; ``achieved`` is the guest RAM the host no longer holds (``before`` - ``after``)."""
     return ActionResult(
         action,
-        ok=abs(report.held_present - report.target) <= 4 * MiB,
+        ok=abs(held - target) <= 4 * MiB,
         achieved=max(0, before - after),
         message=(
-            f"{vm.spec.name}: guest agent holds {format_size(report.held_present)} of target "
-            f"{format_size(report.target)}{note}; guest RAM on host {format_size(before)} -> "
-            f"{format_size(after)}"
+            f"{holder} holds {format_size(held)} of target {format_size(target)}{note}; guest "
+            f"RAM on host {format_size(before)} -> {format_size(after)}{extra}"
         ),
-        reclaim_path=agentwire.AGENT,
+        reclaim_path=path,
     )
 
 
@@ -108,18 +125,9 @@ def _balloon(
             vm.agent.driver.balloon_bytes = target
     actual = _wait_balloon(qmp, spec.memory - target)
     after, free_after = consumed(host, vm), hostmem.meminfo()["MemAvailable"]
-    held = spec.memory - actual
-    return ActionResult(
-        action,
-        ok=abs(held - target) <= 4 * MiB,
-        achieved=max(0, before - after),
-        message=(
-            f"{spec.name}: virtio-balloon ({why}) holds {format_size(held)} of target "
-            f"{format_size(target)}{note}; guest RAM on host {format_size(before)} -> "
-            f"{format_size(after)}; host MemAvailable {free_after - free_before:+d} bytes"
-        ),
-        reclaim_path=agentwire.BALLOON,
-    )
+    extra = f"; host MemAvailable {free_after - free_before:+d} bytes"
+    return _held(action, f"{spec.name}: virtio-balloon ({why})", spec.memory - actual, target,
+                 note, before, after, extra, agentwire.BALLOON)  # fmt: skip
 
 
 def _wait_balloon(qmp: object, actual_target: int) -> int:
