@@ -16,6 +16,10 @@ Scenarios (each run with every policy, same seed):
 - ``idle-tax``: 8 VMs of 512 MiB on 150% overcommit, 4 idle and 4 whose working sets grow
   larger than an equal split would give them.
 
+Besides the policies, two kinds of reference rows: memvisor told the future (which VMs will be
+busy in the next 120 s: how much knowing would give), and memvisor restarted at the start of the
+steady state, taking up the activity history the daemon keeps, or without it.
+
 Each run is measured over two windows of the same run: the *cold start* (the first
 ``--cold`` seconds: every VM has touched its whole footprint at boot, so the host starts 150%
 committed and nothing is known about any VM yet) and the *steady state* (the ``--steady``
@@ -61,6 +65,10 @@ POLICIES: tuple[tuple[str, str, dict[str, object]], ...] = (
         {"thresholds": StateThresholds(high=0.02, soft=0.015, hard=0.01, low=0.005)},
     ),
     (f"(memvisor + {FORESIGHT:.0f} s foresight)", "memvisor", {"foresight": FORESIGHT}),
+    # a daemon restart at the start of the steady state: the new scheduler takes up the
+    # activity history the old one saved (what the daemon does), or starts without it
+    ("memvisor, restarted at steady start", "memvisor", {"restart": "keep"}),
+    ("memvisor, restarted, history lost", "memvisor", {"restart": "lose"}),
     ("mom", "mom", {}),
     ("proxmox", "proxmox", {}),
     ("none", "none", {}),
@@ -246,12 +254,20 @@ def run(
     """One run of ``cold + steady`` simulated seconds; one outcome per window."""
     host_cfg, vms = SCENARIOS[scenario]()
     host = SimHost(host_cfg, vms, seed=seed)
-    policy = make_policy(policy_name, settings or {}, vms)
+    settings = dict(settings or {})
+    restart = settings.pop("restart", None)
+    policy = make_policy(policy_name, settings, vms)
     specs = tuple(host.specs())
     windows = [_Window({v.name: 0.0 for v in vms}, {v.name: 0.0 for v in vms}) for _ in WINDOWS]
     started = time.perf_counter()
     for tick in range(cold + steady):
         w = windows[0 if tick < cold else 1]
+        if tick == cold and restart is not None:
+            new = make_policy(policy_name, settings, vms)
+            if restart == "keep":
+                assert isinstance(new, MemvisorScheduler) and isinstance(policy, MemvisorScheduler)
+                new.activity.restore(policy.activity.export())
+            policy = new
         snap = Snapshot(host.observe_host(), specs, tuple(host.observe_vms()))
         before = {o.name: o for o in snap.vms}
         for d in policy.plan(snap):
@@ -422,7 +438,10 @@ def _report(text: str, cold: int, steady: int) -> str:
         "is the work its workload asked for divided by the work it completed in the window "
         "(1.000 = no slowdown); 'host freed per reclaimed page' is host frames the policy's own "
         "actions freed per page they reclaimed (balloon growth or resident memory above a new "
-        "swap limit).\n\n" + text
+        "swap limit). Two kinds of rows are not policies: '(memvisor + N s foresight)' is the "
+        "scheduler told which VMs will be busy in the next N s (a bound on what knowing would "
+        "give), and the 'restarted' rows replace the scheduler at the start of the steady "
+        "state, with the activity history the daemon keeps or without it.\n\n" + text
     )
 
 
