@@ -13,6 +13,7 @@ Tolerances are the ones docs/backends.md states and justifies from measurements.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -38,8 +39,12 @@ pytestmark = pytest.mark.timeout(300)
 
 def _e2e_fixtures() -> ModuleType:
     """tests/e2e/conftest.py, whose fixtures (guest image, QEMU-and-root check) the qemu case
-    reuses; loaded by path since conftest modules are not importable by name."""
-    path = Path(__file__).parents[1] / "e2e" / "conftest.py"
+    reuses; loaded by path since conftest modules are not importable by name (with its folder
+    on the import path, as pytest does for a conftest: it imports a helper module from there)."""
+    folder = Path(__file__).parents[1] / "e2e"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    path = folder / "conftest.py"
     spec = importlib.util.spec_from_file_location("memvisor_e2e_conftest", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
