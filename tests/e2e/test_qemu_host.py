@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,19 @@ def guest_checksum(host: QemuHost, name: str) -> str:
     raise AssertionError("the guest never checksummed its buffer again")
 
 
+@contextmanager
+def ksm_set(
+    host: QemuHost, run: int, pages_to_scan: int | None = None, sleep_millisecs: int | None = None
+) -> Iterator[None]:
+    """KSM set for a test through the backend, put back as found afterwards."""
+    saved = hostmem.ksm_stats()
+    host.apply(SetKsm(run, pages_to_scan, sleep_millisecs))
+    try:
+        yield
+    finally:
+        host.apply(SetKsm(saved.run, saved.pages_to_scan, saved.sleep_millisecs))
+
+
 def cgroup_usage(host: QemuHost, name: str) -> int:
     cg = host.running(name).cgroup
     assert cg is not None, "no memory cgroup"
@@ -98,12 +112,8 @@ def test_backend_satisfies_the_protocol_and_observes(host: QemuHost) -> None:
 def test_balloon_lowers_host_memory(host: QemuHost) -> None:
     """Anonymous RAM with KSM off: the agent's reservation would free nothing, so
     virtio-balloon acts (KSM settings are put back after)."""
-    saved = hostmem.ksm_stats()
-    host.apply(SetKsm(run=0))
-    try:
+    with ksm_set(host, run=0):
         balloon_anon1(host)
-    finally:
-        host.apply(SetKsm(saved.run, saved.pages_to_scan, saved.sleep_millisecs))
 
 
 def balloon_anon1(host: QemuHost) -> None:
@@ -240,9 +250,8 @@ def test_a_balloon_the_guest_cannot_hold_does_not_kill_it(host: QemuHost) -> Non
     64 MiB: before QEMU's ``deflate-on-oom`` was switched on, the guest's OOM killer killed
     init during the inflation and the kernel panicked. Now the guest takes balloon pages back
     before it kills anything, and a 48 MiB allocation inside it succeeds."""
-    saved = hostmem.ksm_stats()
-    host.apply(SetKsm(run=0))  # anonymous RAM without KSM: virtio-balloon acts, not the agent
-    try:
+    # anonymous RAM without KSM: virtio-balloon acts, not the agent
+    with ksm_set(host, run=0), _deflated_after(host, "anon2"):
         result = host.apply(SetBalloon("anon2", 256 * MiB))
         print(result.message)
         assert "clamped" in result.message and result.reclaim_path == "virtio-balloon"
@@ -255,9 +264,14 @@ def test_a_balloon_the_guest_cannot_hold_does_not_kill_it(host: QemuHost) -> Non
         print(f"after the allocation: ballooned {obs.ballooned / MiB:.0f} MiB of "
               f"{obs.balloon_target / MiB:.0f} MiB")  # fmt: skip
         assert obs.power is PowerState.ON and obs.ballooned < 192 * MiB
+
+
+@contextmanager
+def _deflated_after(host: QemuHost, name: str) -> Iterator[None]:
+    try:
+        yield
     finally:
-        host.apply(SetBalloon("anon2", 0))
-        host.apply(SetKsm(saved.run, saved.pages_to_scan, saved.sleep_millisecs))
+        host.apply(SetBalloon(name, 0))
 
 
 def wait_path(host: QemuHost, name: str, path: str, timeout: float) -> VMObservation:
