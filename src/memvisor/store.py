@@ -194,8 +194,8 @@ class Store:
         activity: Mapping[str, tuple[float, float, float]] | None = None,
     ) -> tuple[int, list[int]]:
         """Record one tick's observations and decisions, and the policy's activity averages
-        (vm -> (time, fast, slow), replacing the previous ones) in the same transaction;
-        returns the tick id and decision ids."""
+        (vm -> (time, fast, slow), replacing all saved before; None keeps them) in the same
+        transaction; returns the tick id and decision ids."""
         wall = self._wall()
         by_name = {s.name: s for s in specs}
         extras = extras or {}
@@ -212,7 +212,8 @@ class Store:
                 [_vm_row(tick, wall, v, by_name.get(v.name), extras.get(v.name)) for v in vms],
             )
             ids = [self._insert_decision(c, tick, wall, d) for d in decisions]
-            if activity:
+            if activity is not None:  # the policy's whole current history replaces the last
+                c.execute("DELETE FROM activity")
                 c.executemany(
                     "INSERT OR REPLACE INTO activity VALUES (?,?,?,?,?)",
                     [(vm, t, wall, fast, slow) for vm, (t, fast, slow) in activity.items()],

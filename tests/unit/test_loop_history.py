@@ -104,3 +104,31 @@ def test_restore_refuses_bad_values_and_keeps_newer_samples() -> None:
     assert est.estimate("a") == pytest.approx(0.2)  # its own sample wins
     assert est.estimate("b") == pytest.approx(0.7)
     assert est.update("b", 605.0, 0.0) == pytest.approx(0.35, abs=0.01)  # 600 s later: half
+
+
+def test_a_vm_powered_off_or_gone_starts_afresh_and_leaves_the_saved_history(
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace
+
+    from policy_snapshots import snapshot, vm
+
+    from memvisor.model import PowerState
+
+    policy = MemvisorScheduler()
+    a, b = vm("a", active=0.9), vm("b", active=0.9)
+    policy.plan(snapshot([a, b], total=4096 * MiB, free=2048 * MiB, time=0.0))
+    assert set(policy.activity.export()) == {"a", "b"}
+    off = (a[0], replace(a[1], power=PowerState.OFF))
+    policy.plan(snapshot([off], total=4096 * MiB, free=2048 * MiB, time=1.0))  # b is gone
+    assert policy.activity.export() == {}
+    assert policy.activity.estimate("a") == 1.0  # unknown again: no tax until sampled
+
+    store = Store.open(tmp_path, wall=lambda: 0.0)
+    host = snapshot([a, b], total=4096 * MiB, free=2048 * MiB).host
+    store.record_tick(host, None, [a[0], b[0]], [a[1], b[1]], [],
+                      activity={"a": (0.0, 0.5, 0.9), "b": (0.0, 0.5, 0.9)})  # fmt: skip
+    store.record_tick(host, None, [a[0]], [a[1]], [], activity={"a": (1.0, 0.4, 0.9)})
+    assert set(store.activity()) == {"a"}  # the saved history is the policy's current one
+    store.record_tick(host, None, [a[0]], [a[1]], [], activity=None)  # a policy without one
+    assert set(store.activity()) == {"a"}
