@@ -69,6 +69,10 @@ POLICIES: tuple[tuple[str, str, dict[str, object]], ...] = (
     # activity history the old one saved (what the daemon does), or starts without it
     ("memvisor, restarted at steady start", "memvisor", {"restart": "keep"}),
     ("memvisor, restarted, history lost", "memvisor", {"restart": "lose"}),
+    # memvisor's guests run its agent, which reads swapped pages back in bulk when its
+    # reservation is released while the guest pages in (GuestConfig.prefetch); this row runs
+    # memvisor on a plain balloon driver, as the baselines have, to show what that is worth
+    ("memvisor, plain balloon driver", "memvisor", {"agent_prefetch": False}),
     ("mom", "mom", {}),
     ("proxmox", "proxmox", {}),
     ("none", "none", {}),
@@ -253,9 +257,11 @@ def run(
 ) -> list[Outcome]:
     """One run of ``cold + steady`` simulated seconds; one outcome per window."""
     host_cfg, vms = SCENARIOS[scenario]()
-    host = SimHost(host_cfg, vms, seed=seed)
     settings = dict(settings or {})
     restart = settings.pop("restart", None)
+    if settings.pop("agent_prefetch", policy_name == "memvisor"):
+        vms = [replace(v, guest=replace(v.guest, prefetch=True)) for v in vms]
+    host = SimHost(host_cfg, vms, seed=seed)
     policy = make_policy(policy_name, settings, vms)
     specs = tuple(host.specs())
     windows = [_Window({v.name: 0.0 for v in vms}, {v.name: 0.0 for v in vms}) for _ in WINDOWS]

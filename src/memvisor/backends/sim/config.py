@@ -92,6 +92,11 @@ class GuestConfig:
     swap_out_cost: float = 20e-6  # per page written to the guest's swap (CPU + I/O)
     file_read_latency: float = 150e-6  # per dropped page-cache page read again
     kernel_access_rate: float = 20.0  # background touches per second of kernel pages
+    # memvisor's agent in the guest: when its reservation is released while the guest is
+    # faulting pages back from its swap, it reads the swapped pages back in bulk
+    # (process_madvise MADV_WILLNEED) into the memory just released, instead of one fault at a
+    # time (off: a plain balloon driver, as the baselines use)
+    prefetch: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ class TickStats:
     host_swap_ins: int = 0
     guest_swap_ins: int = 0
     guest_swap_outs: int = 0
+    guest_prefetched: int = 0  # pages the agent read back from the guest's swap in bulk
     reserved_paged_out: int = 0
     blocked: int = 0
     direct_reclaimed: int = 0  # pages this VM evicted itself (direct reclaim, its limit)
