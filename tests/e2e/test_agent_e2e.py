@@ -215,6 +215,81 @@ def test_guest_pressure_pages_reserved_pages_out_and_the_controller_deflates(
     a.wait(a.settled(0), 120, "deflate")
 
 
+HOLD = (  # holds argv[1] MiB, writes its pid to argv[2], sleeps
+    "import os, sys, time\nb = b'x' * (int(sys.argv[1]) << 20)\n"
+    "open(sys.argv[2], 'w').write(str(os.getpid()))\ntime.sleep(900)\n"
+)
+# reads process argv[1]'s largest anonymous mapping through /proc/PID/mem, 1 MiB at a time with
+# argv[2] seconds between: its swapped pages come back one fault at a time, as a waking
+# workload's do
+READER = """
+import sys, time
+pid, pause = sys.argv[1], float(sys.argv[2])
+maps = [l.split()[0] for l in open('/proc/%s/maps' % pid) if ' rw-p ' in l]
+best = max(maps, key=lambda r: int(r.split('-')[1], 16) - int(r.split('-')[0], 16))
+lo, hi = (int(x, 16) for x in best.split('-'))
+with open('/proc/%s/mem' % pid, 'rb', 0) as m:
+    for at in range(lo, hi, 1 << 20):
+        m.seek(at)
+        m.read(1 << 20)
+        time.sleep(pause)
+"""
+
+
+def _vm_swap(sh: GuestShell, pid: str) -> int:
+    out = sh.run(f"grep VmSwap /proc/{pid}/status", check=True).output
+    return int(out.split()[1]) * 1024
+
+
+def _pswpin(sh: GuestShell) -> int:
+    return int(sh.run("grep '^pswpin ' /proc/vmstat", check=True).output.split()[1])
+
+
+def test_a_release_while_the_guest_pages_in_reads_swap_back_in_bulk(agent_vm: AgentVM) -> None:
+    """Two idle buffers pushed to the guest's swap by a large allocation; a reader faults the
+    small one back page by page (>= 1 MiB/s of swap-ins, a waking workload); the host then
+    releases the reservation: the agent asks the kernel to read the swapped memory back at
+    once (MADV_WILLNEED: into the swap cache). Reading the big buffer afterwards, which nothing
+    touched meanwhile, then finds its pages in memory: little swap I/O."""
+    a = agent_vm
+    with GuestShell(a.vm.paths.shell) as sh:
+        for path, text in (("/tmp/hold.py", HOLD), ("/tmp/reader.py", READER)):
+            code = base64.b64encode(text.encode()).decode()
+            sh.run(f"echo {code} | base64 -d > {path}", check=True)
+        pids = {}
+        for name, mib in (("small", 40), ("big", 80)):  # the oldest is swapped first
+            sh.run(f"setsid python3 -S /tmp/hold.py {mib} /tmp/{name}.ready >/dev/null 2>&1 &",
+                   check=True)  # fmt: skip
+            for _ in range(240):
+                pids[name] = sh.run(f"cat /tmp/{name}.ready 2>/dev/null").output.strip()
+                if pids[name]:
+                    break
+                time.sleep(0.5)
+        a.set_target(RESERVE)  # what the host will hand back
+        a.wait(a.settled(RESERVE // PAGE), 120, "inflate")
+        hog = (a.meminfo(sh, "MemAvailable") + 160 * MiB) // MiB  # pushes the buffers to swap
+        sh.run(f"python3 -S -c \"b = b'x' * ({hog} << 20)\"; true", timeout=240)
+        big0, small0 = _vm_swap(sh, pids["big"]), _vm_swap(sh, pids["small"])
+        print(f"swapped: big {big0 / MiB:.0f} MiB, small {small0 / MiB:.0f} MiB")
+        assert big0 >= 32 * MiB and small0 >= 16 * MiB, "the allocation did not push both out"
+        sh.run(f"setsid python3 -S /tmp/reader.py {pids['small']} 0.2 >/dev/null 2>&1 &",
+               check=True)  # fmt: skip
+        time.sleep(3)  # two agent scans see the swap-ins
+        a.set_target(0)
+        a.wait(a.settled(0), 120, "release")
+        time.sleep(3)
+        sh.run("kill $(ps | grep '[r]eader.py' | awk '{print $1}')")
+        before = _pswpin(sh)
+        sh.run(f"python3 -S /tmp/reader.py {pids['big']} 0", check=True, timeout=240)
+        read = (_pswpin(sh) - before) * PAGE
+        print(f"reading the big buffer after the release: {read / MiB:.1f} MiB from the swap "
+              f"device, of {big0 / MiB:.0f} MiB it had swapped")  # fmt: skip
+        assert read <= big0 // 4
+        sh.run(f"kill {pids['big']} {pids['small']}")
+    a.set_target(0)
+    a.wait(a.settled(0), 120, "deflate")
+
+
 def _replace_agent_with(sh: GuestShell, program: Path, args: str) -> str:
     # Stop the restart loop /init runs the agent in (the agent's parent), then the agent.
     sh.run(

@@ -119,6 +119,36 @@ def test_release_gives_back_paged_out_pages_first(agent) -> None:  # type: ignor
     assert a.reservation.held == 1024 and a.reservation.swapped == 0
 
 
+def test_a_release_prefetches_only_while_the_guest_pages_in(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A release while the guest reads its swap back at >= 1 MiB/s asks for the released
+    amount of swapped memory to be read back in bulk; a release in a quiet guest does not."""
+    a, _, wire, clock = agent
+    vmstat = {"pswpin": 0}
+    a.read_file = lambda path: (
+        f"pswpin {vmstat['pswpin']}\n" if path == "/proc/vmstat" else _real_read(path)
+    )
+    asked: list[int] = []
+    a.prefetch = lambda limit: asked.append(limit) or limit
+    a.receive_line(p.encode(p.Reserve(1, 4 * 512))[:-1])
+    wire.take()
+    for _ in range(2):  # quiet: 10 pages/s
+        vmstat["pswpin"] += 10
+        clock.advance(1.0)
+        a.tick()
+    a.receive_line(p.encode(p.Release(2, 512))[:-1])
+    assert asked == [] and a.swapin_rate == 10
+    vmstat["pswpin"] += 5000  # the workload faults its memory back
+    clock.advance(1.0)
+    a.tick()
+    a.receive_line(p.encode(p.Release(3, 512))[:-1])
+    assert asked == [512 * 4096] and a.prefetched == 512 * 4096
+
+
+def _real_read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def test_scan_detects_swapped_moved_dropped_and_returned_pages(agent) -> None:  # type: ignore[no-untyped-def]
     a, pagemap, wire, clock = agent
     a.receive_line(p.encode(p.Reserve(1, 1024))[:-1])

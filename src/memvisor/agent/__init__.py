@@ -14,5 +14,6 @@ GUEST_MODULES: tuple[str, ...] = (
     "memvisor/agent/protocol.py",
     "memvisor/agent/reserve.py",
     "memvisor/agent/guest.py",
+    "memvisor/agent/prefetch.py",
     "memvisor/agent/workload.py",
 )

@@ -24,11 +24,16 @@ from collections import deque
 from collections.abc import Callable
 
 from memvisor.agent import protocol as p
+from memvisor.agent.prefetch import prefetch as prefetch_swapped
 from memvisor.agent.reserve import Reservation, ScanResult
 from memvisor.agent.workload import WorkloadRunner, check_request
 
 AGENT_NAME = "memvisor-agent/1"
 RATE_WINDOW = 10.0  # seconds over which the page-out rate is averaged
+# a release prefetches the guest's swapped memory (memvisor.agent.prefetch) while the guest
+# pages in at least this fast (pages per second, 1 MiB/s): its workload is faulting its memory
+# back, not touching the odd page
+PREFETCH_SWAPIN_RATE = 256
 
 
 class Agent:
@@ -57,6 +62,10 @@ class Agent:
         self._seq = 0
         self._pageouts: deque[tuple[float, int]] = deque()
         self._pending = ScanResult()  # page-outs seen while nobody listened
+        self._pswpin: tuple[float, int] | None = None  # (time, /proc/vmstat pswpin) at a scan
+        self.swapin_rate = 0.0  # pages/s the guest read back from its swap, between scans
+        self.prefetch: Callable[[int], int] = prefetch_swapped
+        self.prefetched = 0  # bytes of swap covered by prefetch advice, in total
 
     # --- connection lifecycle ---------------------------------------------------------------
 
@@ -128,6 +137,10 @@ class Agent:
             return
         self._send_pages(msg.id, "release", [], p.compact_ranges(pfns))
         self._done(msg.id, msg.pages, released)
+        if released and self.swapin_rate >= PREFETCH_SWAPIN_RATE:
+            # the guest is faulting its memory back one page at a time: read it back in bulk
+            # into what was just released
+            self.prefetched += self.prefetch(released * 4096)
 
     def _workload(self, msg: p.WorkloadStart | p.WorkloadStop | p.WorkloadQuery) -> None:
         if self.version < p.WORKLOAD_VERSION:
@@ -191,6 +204,7 @@ class Agent:
         return max(0.0, min(self._next_scan, self._next_stats) - self.clock())
 
     def _scan(self, now: float) -> None:
+        self._track_swapin(now)
         result = self.reservation.scan()
         if result.paged_out:
             self._pageouts.append((now, result.paged_out))
@@ -205,6 +219,17 @@ class Agent:
             self._send_pages(None, reason, p.compact_ranges(add), p.compact_ranges(remove))
         if result.paged_out or result.moved:
             self._report_pageout(result)
+
+    def _track_swapin(self, now: float) -> None:
+        try:
+            pswpin = _parse_vmstat(self.read_file("/proc/vmstat")).get("pswpin")
+        except (OSError, ValueError):
+            return
+        if pswpin is None:
+            return
+        if self._pswpin is not None and now > self._pswpin[0]:
+            self.swapin_rate = max(0, pswpin - self._pswpin[1]) / (now - self._pswpin[0])
+        self._pswpin = (now, pswpin)
 
     def _report_pageout(self, result: ScanResult) -> None:
         ages = result.ages or [0.0]
