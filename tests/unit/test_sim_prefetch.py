@@ -1,0 +1,48 @@
+"""The simulated agent's bulk read-back of guest swap (GuestConfig.prefetch), as the real
+agent does it (tests/e2e/test_agent_e2e.py): only on a release while the guest pages in."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from simhelpers import SMALL_GUEST, host, vm, workload
+
+from memvisor.backends.sim.vm import L_GSWAPPED
+from memvisor.model import SetBalloon
+from memvisor.units import MiB
+
+
+def run(prefetch: bool, working_set: int) -> tuple[int, int, int]:
+    """Balloon 64 MiB of a 128 MiB guest (its workload pages out), step, release; returns
+    (pages prefetched at the release, guest swap-ins in the ticks after, pages still swapped)."""
+    guest = replace(SMALL_GUEST, prefetch=prefetch)
+    wl = workload(footprint=100 * MiB, working_set=working_set, access_rate=20_000)
+    h = host(512 * MiB, [replace(vm("v", wl), guest=guest)])
+    h.step()
+    h.apply(SetBalloon("v", 64 * MiB))
+    for _ in range(5):
+        h.step()
+    v = h.vm("v")
+    h.apply(SetBalloon("v", 0))
+    prefetched = v.stats.guest_prefetched
+    swapins = 0
+    for _ in range(3):
+        h.step()
+        prefetched += v.last.guest_prefetched
+        swapins += v.last.guest_swap_ins
+    assert not h.check()
+    return prefetched, swapins, int(np.count_nonzero(v.lstate == L_GSWAPPED))
+
+
+def test_a_release_while_the_workload_faults_back_reads_the_swap_in_bulk() -> None:
+    plain = run(prefetch=False, working_set=100 * MiB)
+    agent = run(prefetch=True, working_set=100 * MiB)
+    print(f"plain balloon: {plain}, agent: {agent} (prefetched, swap-ins after, still swapped)")
+    assert plain[0] == 0 and plain[1] > 1000  # faulted back one page at a time
+    assert agent[0] > 1000 and agent[1] < plain[1] // 4 and agent[2] <= plain[2]
+
+
+def test_no_read_back_when_the_guest_is_not_paging_in() -> None:
+    idle = run(prefetch=True, working_set=4 * MiB)  # the balloon took only cold pages
+    assert idle[0] == 0 and idle[2] > 0  # they stay in the guest's swap
