@@ -199,3 +199,12 @@ def test_scenario_pools_reach_the_scheduler() -> None:
     pools = {p.name: p for p in policy.settings.pools}  # type: ignore[attr-defined]
     assert pools["prod"].reservation == 2 * 1024 * MiB and pools["batch"].shares == 163840
     assert {v.pool for v in sc.vms} == {"prod", "batch"}
+
+
+def test_guest_prefetch_key_is_read_and_checked(tmp_path: Path) -> None:
+    p = trace_scenario(tmp_path, ["0.5,r,1,0"])
+    p.write_text(p.read_text().replace('kernel = "8MiB"', 'kernel = "8MiB"\nprefetch = true'))
+    assert all(v.guest.prefetch for v in load_scenario(p).vms)
+    p.write_text(p.read_text().replace("prefetch = true", 'prefetch = "yes"'))
+    with pytest.raises(ConfigError, match="prefetch"):
+        load_scenario(p)
