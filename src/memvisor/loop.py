@@ -104,6 +104,8 @@ class ControlLoop:
         self.last_tick_seconds = 0.0
         self._power: dict[str, PowerState] = {}
         self._states = FreeMemoryStates(thresholds_of(policy))
+        estimator = getattr(policy, "activity", None)  # the memvisor scheduler's averages
+        self._estimator = estimator if isinstance(estimator, ActivityEstimator) else None
         self._history_pending = True  # take up the saved activity history at the first tick
 
     # --- one tick ------------------------------------------------------------------------
@@ -127,9 +129,7 @@ class ControlLoop:
         except Exception as exc:  # isolation: a failed observation skips this tick only
             return self._skip("observe", exc)
         self._record_power_changes(snapshot.vms)
-        estimator = getattr(self.policy, "activity", None)
-        if not isinstance(estimator, ActivityEstimator):
-            estimator = None
+        estimator = self._estimator
         if self._history_pending:
             self._history_pending = False
             if estimator is not None:

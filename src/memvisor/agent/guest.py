@@ -24,16 +24,13 @@ from collections import deque
 from collections.abc import Callable
 
 from memvisor.agent import protocol as p
+from memvisor.agent.prefetch import SWAPIN_RATE
 from memvisor.agent.prefetch import prefetch as prefetch_swapped
 from memvisor.agent.reserve import Reservation, ScanResult
 from memvisor.agent.workload import WorkloadRunner, check_request
 
 AGENT_NAME = "memvisor-agent/1"
 RATE_WINDOW = 10.0  # seconds over which the page-out rate is averaged
-# a release prefetches the guest's swapped memory (memvisor.agent.prefetch) while the guest
-# pages in at least this fast (pages per second, 1 MiB/s): its workload is faulting its memory
-# back, not touching the odd page
-PREFETCH_SWAPIN_RATE = 256
 
 
 class Agent:
@@ -137,7 +134,7 @@ class Agent:
             return
         self._send_pages(msg.id, "release", [], p.compact_ranges(pfns))
         self._done(msg.id, msg.pages, released)
-        if released and self.swapin_rate >= PREFETCH_SWAPIN_RATE:
+        if released and self.swapin_rate >= SWAPIN_RATE:
             # the guest is faulting its memory back one page at a time: read it back in bulk
             # into what was just released
             self.prefetched += self.prefetch(released * 4096)

@@ -89,6 +89,11 @@ class ActivityEstimator:
     def forget(self, vm: str) -> None:
         self._avg.pop(vm, None)
 
+    def retain(self, vms: set[str]) -> None:
+        """Forget every VM not in ``vms``."""
+        for vm in self._avg.keys() - vms:
+            del self._avg[vm]
+
     def export(self) -> dict[str, tuple[float, float, float]]:
         """Each VM's averages as (time of the last sample, fast, slow): what a restarted
         manager needs to go on where this one stopped (see :meth:`restore`)."""

@@ -138,8 +138,7 @@ class MemvisorScheduler:
         for _spec, obs in vms:
             self.activity.update(obs.name, now, obs.active_fraction)
         # a VM powered off or gone starts afresh when it comes back (its memory is new)
-        for gone in self.activity.export().keys() - {obs.name for _spec, obs in vms}:
-            self.activity.forget(gone)
+        self.activity.retain({obs.name for _spec, obs in vms})
         alloc = self.entitlements(snapshot, vms)
         self.last_allocation = alloc
         growth = self._growth(vms, dt)

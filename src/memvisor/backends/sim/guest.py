@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from memvisor.agent.prefetch import SWAPIN_RATE
 from memvisor.backends.sim.pages import (
     BALLOONED,
     G_ANON,
@@ -159,12 +160,6 @@ def place(host: SimHost, vm: VMRun, logical: IntArray, g: IntArray, *, bulk: boo
     )
 
 
-# the agent prefetches on a release only while its guest pages in at least this fast (pages
-# per second: 1 MiB/s), i.e. while the workload is faulting its memory back, not for the odd
-# page an idle guest touches
-PREFETCH_TRIGGER = 256
-
-
 def prefetch(host: SimHost, vm: VMRun, k: int) -> int:
     """The agent reads up to ``k`` pages of the workload's memory back from the guest's swap
     into free guest memory (above the guest's free watermark), in address order, the way
@@ -212,7 +207,9 @@ def _deflate(host: SimHost, vm: VMRun, k: int) -> None:
         pt.set_state(g, UNTOUCHED, vm.index)
         pt.use[g] = G_FREE
     vm.balloon_budget -= k
-    if vm.cfg.guest.prefetch and vm.last.guest_swap_ins >= PREFETCH_TRIGGER * host.dt:
+    if (
+        vm.cfg.guest.prefetch and vm.last.guest_swap_ins >= SWAPIN_RATE * host.dt
+    ):  # the agent's rule
         prefetch(host, vm, k)
 
 
