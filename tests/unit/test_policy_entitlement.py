@@ -76,6 +76,17 @@ def test_bad_tax_is_refused() -> None:
         water_fill(1.0, [1], [0], [1], [0], tax=1.0)
 
 
+def test_a_holder_pinned_at_zero_does_not_inflate_the_others() -> None:
+    """Found by the property test below: a VM whose limit and activity are 0 (lo == hi ==
+    active) made the level solver overshoot, and its neighbour got 104 MiB of 100."""
+    vms = [
+        VMClaim("vm0", 100, 0, 0, 0, demand=None),
+        VMClaim("vm1", 100, 0, 104 * MiB, 0, demand=None),
+    ]
+    got = allocate(vms, 100 * MiB, tax=0.75).entitlement
+    assert got["vm0"] == 0 and got["vm1"] == pytest.approx(100 * MiB)
+
+
 claims = st.lists(
     st.tuples(
         st.integers(1, 50),  # shares

@@ -118,7 +118,7 @@ def water_fill(
         return lo_a.copy()
     if capacity >= hi_a.sum():
         return hi_a.copy()
-    if not (s > 0).any():
+    if not ((s > 0) & (hi_a > lo_a)).any():  # nobody can grow
         return lo_a.copy()
     x_star = _solve_level(capacity, s, lo_a, hi_a, act, k)
     return _held_at(x_star, s, lo_a, hi_a, act, k)
@@ -142,7 +142,9 @@ def _solve_level(
     capacity: float, s: FloatArray, lo: FloatArray, hi: FloatArray, act: FloatArray, k: float
 ) -> float:
     """The level x = 1/rho at which the holdings sum to ``capacity`` (breakpoint sweep)."""
-    live = s > 0
+    # holders pinned at lo == hi take no part: their start and end breakpoints coincide, and
+    # with lo == hi == active their start slope (s / k) and end slope (s) did not cancel
+    live = (s > 0) & (hi > lo)
     s_l, lo_l, hi_l, act_l = s[live], lo[live], hi[live], act[live]
     x_lo = _cost(lo_l, act_l, k) / s_l  # the holder starts growing here ...
     x_hi = _cost(hi_l, act_l, k) / s_l  # ... and stops here
