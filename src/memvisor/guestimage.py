@@ -479,9 +479,11 @@ while [ $i -lt 50 ] && ! port_by_name @AGENT_PORT@ >/dev/null; do sleep 0.1; i=$
 AGENT=$(port_by_name @AGENT_PORT@)
 SHELLPORT=$(port_by_name @SHELL_PORT@)
 # A host test harness talks to this shell through the shell port; EOF (no host client) ends
-# one shell, the loop starts the next. A port opens only once at a time: open it read-write.
+# one shell, the loop starts the next. The loop holds the port open (read-write: a port opens
+# once at a time) for every shell it starts: the driver discards unread input when the port
+# is closed, and a client that connects while one shell exits would lose its first command.
 if [ -n "$SHELLPORT" ]; then
-    (while true; do sh 0<>$SHELLPORT 1>&0 2>&0; sleep 1; done) &
+    (exec 3<>$SHELLPORT; while true; do sh 0<&3 1>&3 2>&3; sleep 1; done) &
 fi
 if [ -n "$AGENT" ] && [ -f @PYTHONPATH@/memvisor/agent/__main__.py ]; then
     (while true; do

@@ -124,8 +124,11 @@ def test_a_release_prefetches_only_while_the_guest_pages_in(agent, tmp_path: Pat
     amount of swapped memory to be read back in bulk; a release in a quiet guest does not."""
     a, _, wire, clock = agent
     vmstat = {"pswpin": 0}
+    files = {"/proc/meminfo": "MemFree: 65536 kB\n", "/proc/sys/vm/min_free_kbytes": "1024\n"}
     a.read_file = lambda path: (
-        f"pswpin {vmstat['pswpin']}\n" if path == "/proc/vmstat" else _real_read(path)
+        f"pswpin {vmstat['pswpin']}\n"
+        if path == "/proc/vmstat"
+        else files.get(path) or _real_read(path)
     )
     asked: list[int] = []
     a.prefetch = lambda limit: asked.append(limit) or limit
@@ -142,6 +145,19 @@ def test_a_release_prefetches_only_while_the_guest_pages_in(agent, tmp_path: Pat
     a.tick()
     a.receive_line(p.encode(p.Release(3, 512))[:-1])
     assert asked == [512 * 4096] and a.prefetched == 512 * 4096
+    # no more than the guest has free above twice its min watermark
+    files["/proc/meminfo"] = "MemFree: 3072 kB\n"  # 1 MiB above 2 x 1 MiB
+    vmstat["pswpin"] += 5000
+    clock.advance(1.0)
+    a.tick()
+    a.receive_line(p.encode(p.Release(4, 512))[:-1])
+    assert asked[1:] == [1 << 20]
+    files["/proc/meminfo"] = "MemFree: 2048 kB\n"  # all of it below the watermark: nothing
+    vmstat["pswpin"] += 5000
+    clock.advance(1.0)
+    a.tick()
+    a.receive_line(p.encode(p.Release(5, 512))[:-1])
+    assert len(asked) == 2
 
 
 def _real_read(path: str) -> str:

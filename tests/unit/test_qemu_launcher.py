@@ -98,8 +98,14 @@ def test_guest_shell_times_out_on_a_silent_guest(tmp_path: Path) -> None:
     server.listen(1)
     with GuestShell(path) as sh:
         conn, _ = server.accept()  # accepted, never answers
-        with pytest.raises(GuestError, match="timed out"):
+        with pytest.raises(GuestError, match="timed out") as err:
             sh.run("true", timeout=0.3)
+        assert "console" not in str(err.value)  # no console log beside the socket
+        (tmp_path / "console.log").write_text("boot\n" + "x" * 5000 + "\nOut of memory: Killed\n")
+        with pytest.raises(GuestError, match="timed out") as err:
+            sh.run("true", timeout=0.3)
+        assert str(err.value).endswith("Out of memory: Killed\n")  # why it is stuck
+        assert "boot" not in str(err.value)  # the end of the log only
         conn.close()
 
 

@@ -24,8 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from memvisor.agent import protocol as p
-from memvisor.agent.prefetch import SWAPIN_RATE
-from memvisor.agent.prefetch import prefetch as prefetch_swapped
+from memvisor.agent.prefetch import SWAPIN_RATE, Prefetcher
 from memvisor.agent.reserve import Reservation, ScanResult
 from memvisor.agent.workload import WorkloadRunner, check_request
 
@@ -61,7 +60,7 @@ class Agent:
         self._pending = ScanResult()  # page-outs seen while nobody listened
         self._pswpin: tuple[float, int] | None = None  # (time, /proc/vmstat pswpin) at a scan
         self.swapin_rate = 0.0  # pages/s the guest read back from its swap, between scans
-        self.prefetch: Callable[[int], int] = prefetch_swapped
+        self.prefetch: Callable[[int], int] = Prefetcher(clock)
         self.prefetched = 0  # bytes of swap covered by prefetch advice, in total
 
     # --- connection lifecycle ---------------------------------------------------------------
@@ -136,8 +135,21 @@ class Agent:
         self._done(msg.id, msg.pages, released)
         if released and self.swapin_rate >= SWAPIN_RATE:
             # the guest is faulting its memory back one page at a time: read it back in bulk
-            # into what was just released
-            self.prefetched += self.prefetch(released * 4096)
+            # into what was just released, and no more than the guest has free above its
+            # reclaim watermark (more would only be swapped out again)
+            room = self._free_above_watermark()
+            if room > 0:
+                self.prefetched += self.prefetch(min(released * 4096, room))
+
+    def _free_above_watermark(self) -> int:
+        """Free guest memory above twice ``min_free_kbytes`` (the kernel wakes its reclaim at
+        1.25x), in bytes; 0 when unknown."""
+        try:
+            free = _parse_meminfo(self.read_file("/proc/meminfo")).get("MemFree", 0)
+            floor = int(self.read_file("/proc/sys/vm/min_free_kbytes").split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
+            return 0
+        return max(0, free - 2 * floor)
 
     def _workload(self, msg: p.WorkloadStart | p.WorkloadStop | p.WorkloadQuery) -> None:
         if self.version < p.WORKLOAD_VERSION:

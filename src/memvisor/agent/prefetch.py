@@ -8,14 +8,18 @@ swapped page in the given ranges and returns; the process does not wait for it, 
 reads in bulk instead of one fault at a time.
 
 Which memory: the mappings with swapped pages (``Swap:`` in ``/proc/PID/smaps``) of every
-process but the agent itself (its reservation is what was just given back), largest first,
-until ``limit`` bytes of swap are covered.
+process but the agent itself (its reservation is what was just given back), largest first;
+inside each mapping exactly its swapped pages (``/proc/PID/pagemap``, bit 62), in address
+order, until ``limit`` bytes are covered. Advice on a whole mapping would read back all of it:
+a release of 24 MiB to a guest whose workload has 300 MiB swapped would pull 300 MiB into a
+guest that has room for 24 and make it swap out again what it just read.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +29,8 @@ SWAPIN_RATE = 256
 MADV_WILLNEED = 3
 SYS_PROCESS_MADVISE = 440  # x86_64
 UIO_MAXIOV = 1024
+PAGE = 4096
+PM_SWAPPED = 1 << 62  # /proc/PID/pagemap: the page is in swap
 
 
 @dataclass(frozen=True)
@@ -61,14 +67,11 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def plan(
-    limit: int,
-    exclude: set[int],
-    read_file: Callable[[str], str] = _read,
-    proc: str = "/proc",
-) -> dict[int, list[SwappedRange]]:
-    """The ranges to prefetch per PID: the largest swapped mappings first, until ``limit``
-    bytes of swap are covered. Processes that exit meanwhile are skipped."""
+def swapped_mappings(
+    exclude: set[int], read_file: Callable[[str], str] = _read, proc: str = "/proc"
+) -> list[tuple[int, SwappedRange]]:
+    """Every process's mappings with swapped pages, as (pid, mapping), the most swap first.
+    Processes that exit meanwhile are skipped."""
     found: list[tuple[int, SwappedRange]] = []
     for name in os.listdir(proc):
         if not name.isdigit() or int(name) in exclude:
@@ -78,14 +81,123 @@ def plan(
         except OSError:
             continue
     found.sort(key=lambda pr: -pr[1].swapped)
-    chosen: dict[int, list[SwappedRange]] = {}
-    covered = 0
-    for pid, r in found:
-        if covered >= limit:
-            break
-        chosen.setdefault(pid, []).append(r)
-        covered += r.swapped
-    return chosen
+    return found
+
+
+def _read_pagemap(pid: int, start: int, pages: int) -> bytes:
+    with open(f"/proc/{pid}/pagemap", "rb", 0) as f:
+        f.seek(start // PAGE * 8)
+        return f.read(pages * 8)
+
+
+def swapped_runs(start: int, pagemap: bytes) -> list[tuple[int, int]]:
+    """The runs of swapped pages, as (start, end) addresses, in the ``pagemap`` entries of
+    the pages from ``start``."""
+    entries = array("Q")
+    entries.frombytes(pagemap[: len(pagemap) // 8 * 8])
+    runs: list[tuple[int, int]] = []
+    first = last = -2
+    for i, e in enumerate(entries):
+        if not e & PM_SWAPPED:
+            continue
+        if i != last + 1:
+            if first >= 0:
+                runs.append((start + first * PAGE, start + (last + 1) * PAGE))
+            first = i
+        last = i
+    if first >= 0:
+        runs.append((start + first * PAGE, start + (last + 1) * PAGE))
+    return runs
+
+
+def without(runs: list[tuple[int, int]], taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``runs`` (sorted, disjoint) minus the intervals ``taken``, all as (start, end); linear
+    in both after sorting ``taken``."""
+    cut = sorted(taken)
+    out: list[tuple[int, int]] = []
+    j = 0
+    for lo, hi in runs:
+        while j < len(cut) and cut[j][1] <= lo:
+            j += 1
+        at, k = lo, j
+        while k < len(cut) and cut[k][0] < hi:
+            if cut[k][0] > at:
+                out.append((at, cut[k][0]))
+            at = max(at, cut[k][1])
+            k += 1
+        if at < hi:
+            out.append((at, hi))
+    return out
+
+
+class Prefetcher:
+    """Advises the guest's swapped pages, the most swapped mappings first and in address order
+    inside each, ``limit`` bytes per call, and remembers for ``ttl`` seconds what it advised:
+    a page read into the swap cache keeps its swap entry in the page table until the process
+    touches it, so without this memory the next call (a release comes in several requests)
+    would advise the same pages again and never reach the rest."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        *,
+        ttl: float = 30.0,
+        read_file: Callable[[str], str] = _read,
+        read_pagemap: Callable[[int, int, int], bytes] = _read_pagemap,
+        advise: Callable[[int, list[SwappedRange]], int] | None = None,
+        proc: str = "/proc",
+    ) -> None:
+        self.clock, self.ttl, self.proc = clock, ttl, proc
+        self.read_file, self.read_pagemap = read_file, read_pagemap
+        self.advise = advise or willneed
+        self.advised: dict[int, list[tuple[float, int, int]]] = {}  # pid -> (until, start, end)
+
+    def choose(self, limit: int) -> dict[int, list[SwappedRange]]:
+        """The not yet advised swapped pages to advise now, per pid, up to ``limit`` bytes."""
+        now = self.clock()
+        self.advised = {
+            pid: kept
+            for pid, runs in self.advised.items()
+            if (kept := [r for r in runs if r[0] > now])
+        }
+        out: dict[int, list[SwappedRange]] = {}
+        left = limit // PAGE * PAGE
+        gone: set[int] = set()
+        for pid, m in swapped_mappings({os.getpid()}, self.read_file, self.proc):
+            if left <= 0:
+                break
+            if pid in gone:
+                continue
+            try:
+                raw = self.read_pagemap(pid, m.start, m.length // PAGE)
+            except OSError:
+                gone.add(pid)  # exited: its other mappings too
+                continue
+            taken = [(lo, hi) for _, lo, hi in self.advised.get(pid, ())]
+            for lo, hi in without(swapped_runs(m.start, raw), taken):
+                hi = min(hi, lo + left)
+                out.setdefault(pid, []).append(SwappedRange(lo, hi - lo, hi - lo))
+                left -= hi - lo
+                if left <= 0:
+                    break
+        return out
+
+    def __call__(self, limit: int) -> int:
+        """Start reading back up to ``limit`` bytes of the guest's swapped memory; returns the
+        bytes the advice covered."""
+        covered = 0
+        until = self.clock() + self.ttl
+        for pid, ranges in self.choose(limit).items():
+            try:
+                if not self.advise(pid, ranges):
+                    continue
+            except OSError:
+                continue  # the process changed under us: the next wake-up tries again
+            covered += sum(r.length for r in ranges)
+            self.advised.setdefault(pid, []).extend(
+                (until, r.start, r.start + r.length) for r in ranges
+            )
+        return covered
 
 
 class _Iovec(ctypes.Structure):
@@ -115,16 +227,3 @@ def willneed(pid: int, ranges: list[SwappedRange]) -> int:
     finally:
         os.close(pidfd)
     return done
-
-
-def prefetch(limit: int, exclude: set[int] | None = None) -> int:
-    """Start reading back up to about ``limit`` bytes of the guest's swapped memory (whole
-    mappings); returns the bytes of swap covered by the advice."""
-    covered = 0
-    for pid, ranges in plan(limit, (exclude or set()) | {os.getpid()}).items():
-        try:
-            if willneed(pid, ranges):
-                covered += sum(r.swapped for r in ranges)
-        except OSError:
-            continue  # the process changed under us: the next wake-up tries again
-    return covered

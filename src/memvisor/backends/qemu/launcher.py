@@ -454,6 +454,7 @@ class GuestShell:
     MAX_OUTPUT = 16 * MiB
 
     def __init__(self, path: Path, *, connect_timeout: float = 10.0) -> None:
+        self._path = Path(path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(connect_timeout)
         try:
@@ -479,7 +480,9 @@ class GuestShell:
             try:
                 chunk = self._sock.recv(65536)
             except TimeoutError as exc:
-                raise GuestError(f"guest shell: {command!r} timed out after {timeout} s") from exc
+                raise GuestError(
+                    f"guest shell: {command!r} timed out after {timeout} s{self._console_tail()}"
+                ) from exc
             if not chunk:
                 raise GuestError(f"guest shell: connection closed during {command!r}")
             buf += chunk
@@ -487,6 +490,17 @@ class GuestShell:
         if check and result.rc != 0:
             raise GuestError(f"guest command {command!r} failed ({result.rc}): {result.output}")
         return result
+
+    def _console_tail(self, chars: int = 2000) -> str:
+        """The end of the VM's console log (beside the shell socket), for an error message:
+        a stuck shell is usually explained there (OOM killer, hung task, panic)."""
+        try:
+            with open(self._path.with_name("console.log"), "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - chars))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return f"; end of the guest console:\n{tail}"
 
     def close(self) -> None:
         self._sock.close()
