@@ -287,3 +287,29 @@ def test_a_vm_that_paused_after_a_busy_phase_is_not_squeezed_like_an_idle_one() 
     assert b["idle"] > b.get("paused", 0), b
     assert "x idle 98%" in out[0].reason
     assert sched.activity.estimate("paused") > 0.7 > 0.1 > sched.activity.recent("paused")
+
+
+def test_a_vm_whose_guest_was_backed_off_is_left_alone_for_the_hold() -> None:
+    """A VM that woke up after being ballooned while idle pages its working set back and its
+    balloon backs off; its sampled activity still says idle. In the tick of the back-off what
+    its guest refused goes to its swap file (C2); for the rest of the hold it is neither
+    ballooned nor swapped, even in LOW: its pages would come straight back from the host's
+    swap (measured in bench/: the waking VM was the worst one). The others give instead."""
+    sched = MemvisorScheduler()
+    hold = sched.settings.balloon.hold
+    vms = four_vms(active=0.1, balloon=300 * MiB, guest_free=0)
+    vms[0] = vm("vm0", 1536 * MiB, 1100 * MiB, active=0.1, balloon=300 * MiB, guest_free=0,
+                guest_paging=20000.0)  # fmt: skip
+    out = sched.plan(snapshot(vms, TOTAL, int(0.005 * TOTAL)))  # LOW
+    assert balloons(out)["vm0"] < 300 * MiB  # backed off
+    assert "vm0" in swaps(out)  # the tick of the back-off: what it refused goes to swap
+    assert sched.balloon.holding("vm0", 1.0)
+    calm = four_vms(active=0.1, balloon=300 * MiB, guest_free=0)
+    for t in (1.0, hold - 1.0):
+        out = sched.plan(snapshot(calm, TOTAL, int(0.005 * TOTAL), time=t))
+        assert balloons(out).get("vm0", 0) <= 300 * MiB
+        assert swaps(out).get("vm0", 1536 * MiB) == 1536 * MiB, (t, out)  # lifted or untouched
+        assert sched.swap_limit and "vm0" not in sched.swap_limit  # the others keep giving
+    assert not sched.balloon.holding("vm0", hold + 1.0)
+    out = sched.plan(snapshot(calm, TOTAL, int(0.005 * TOTAL), time=hold + 1.0))
+    assert "vm0" in swaps(out) and swaps(out)["vm0"] < 1100 * MiB  # a victim again

@@ -252,6 +252,11 @@ class BalloonController:
                 )
         return BalloonStep(cur + step, False, "inflate")
 
+    def holding(self, vm: str, now: float) -> bool:
+        """Whether ``vm``'s guest was backed off less than ``hold`` seconds ago."""
+        st = self._vm.get(vm)
+        return st is not None and now < st.hold_until
+
     def forget(self, vm: str) -> None:
         self._vm.pop(vm, None)
 

@@ -28,6 +28,10 @@ Every call to :meth:`MemvisorScheduler.plan`:
    swap or the hypervisor's blind swap, at a higher cost than the host kernel's own LRU
    reclaim, which stays the last resort when the idle VMs have nothing left to give (measured
    in docs/policy.md: squeezing them lost 7-10% of the throughput under sustained pressure).
+   Nor is a VM whose balloon backed off in the last ``hold`` seconds (the controller's): its
+   guest just showed that it needs its memory, typically a VM that woke up and whose sampled
+   activity has not caught up yet. In the tick of the back-off itself, what the guest refused
+   still goes to its swap file in HARD and LOW (C2); from the next tick the other victims give.
 
 A VM's reservation is never reclaimed: balloons stay at or below memory - reservation, swap
 limits at or above the reservation (and in SOFT/HARD above the entitlement). Decisions are made
@@ -214,9 +218,14 @@ class MemvisorScheduler:
         need = int(self.free_target * host.total) - host.free - in_flight
         victims = order(self._candidates(t, vms))
         # Only where reclaiming pays: a page taken from a VM that is busy (or was busy minutes
-        # ago) is faulted back soon, at a cost above the host kernel's own LRU reclaim, which
-        # remains the last resort (measured: docs/policy.md, pressure-150)
-        victims = [c for c in victims if c.active <= self.settings.max_active]
+        # ago, or whose guest had to be backed off just now) is faulted back soon, at a cost
+        # above the host kernel's own LRU reclaim, which remains the last resort (measured:
+        # docs/policy.md, pressure-150 and the cold starts)
+        victims = [
+            c
+            for c in victims
+            if c.active <= self.settings.max_active and not self.balloon.holding(c.name, host.time)
+        ]
         by_name = {s.name: (s, o) for s, o in vms}
         left, short = self._balloon_victims(t, victims, by_name, need)
         chosen = {c.name for c in victims}
