@@ -54,10 +54,9 @@ from memvisor.model import (
     VMSpec,
 )
 from memvisor.sharing.sampler import Context
-from memvisor.units import PAGE_SIZE, MiB
+from memvisor.units import PAGE_SIZE
 
 SHARING_SAMPLES = 1000  # FACTS: within ~2 points of a full scan's shared fraction
-SWAP_LIMIT_SLACK = 4 * MiB  # re-evict only past this: 2 MiB page-cache folios come back whole
 
 
 @dataclass
@@ -294,7 +293,7 @@ class QemuHost:
         if limit is None:
             return
         resident = int(hostmem.file_resident_pages(vm.process.paths.memory).sum()) * PAGE_SIZE
-        if resident > max(limit, vm.spec.reservation) + SWAP_LIMIT_SLACK:
+        if resident > max(limit, vm.spec.reservation) + swapout.LIMIT_SLACK:
             result = actions.set_swap_target(self, vm, SetSwapTarget(vm.spec.name, limit))
             if not result.ok:
                 self.events.append(f"{vm.spec.name}: holding the swap limit: {result.message}")

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from memvisor.errors import BackendError, InputError, PermissionNeededError
-from memvisor.units import HUGE_PAGE_SIZE, PAGE_SIZE
+from memvisor.units import HUGE_PAGE_SIZE, PAGE_SIZE, MiB
 
 SYS_PROCESS_MADVISE = 440
 MADV_PAGEOUT = 21
@@ -33,6 +33,11 @@ IOV_MAX = 1024
 SYNC_FILE_RANGE_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
 CHUNK = HUGE_PAGE_SIZE
 CHUNK_PAGES = CHUNK // PAGE_SIZE
+# a resident limit is re-enforced only past this: 2 MiB page-cache folios come back whole
+LIMIT_SLACK = 4 * MiB
+# rounds of write-back and eviction one SetSwapTarget makes while the running guest faults
+# pages of the evicted chunks straight back (its hot pages)
+LIMIT_ROUNDS = 3
 PC_LOW_RAM = 0xE000_0000  # pc (i440fx): RAM up to 3.5 GiB below the PCI hole
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
