@@ -439,7 +439,7 @@ def _report(text: str, cold: int, steady: int) -> str:
         f"seed 7, measured over two windows: the cold start (first {cold} s) and the steady "
         f"state (the {steady} s after it). Every policy runs the same scenario with the same "
         "seed. The simulator charges host kernel reclaim as on a real host (direct-reclaim "
-        "stall, a shared 512 MiB/s swap disk, stalls carried across ticks: docs/simulator.md). "
+        "stall, a shared 512 MiB/s swap disk, faults served within the tick and the rest of the stall carried across ticks: docs/simulator.md). "
         "Throughput is page touches completed per second summed over all VMs; a VM's slowdown "
         "is the work its workload asked for divided by the work it completed in the window "
         "(1.000 = no slowdown); 'host freed per reclaimed page' is host frames the policy's own "

@@ -45,12 +45,23 @@ from memvisor.backends.sim.pages import (
     PRIVATE,
     SHARED,
     SWAPPED,
+    UNTOUCHED,
     PageTable,
     uniq,
 )
 from memvisor.backends.sim.scanner import Scanner
 from memvisor.backends.sim.validate import check_setup
-from memvisor.backends.sim.vm import K_COMMON, K_UNIQUE, K_ZERO, ContentUniverse, TickStats, VMRun
+from memvisor.backends.sim.vm import (
+    K_COMMON,
+    K_UNIQUE,
+    K_ZERO,
+    L_DROPPED,
+    L_GSWAPPED,
+    L_NEW,
+    ContentUniverse,
+    TickStats,
+    VMRun,
+)
 from memvisor.backends.sim.workload import draw, kernel_touches
 from memvisor.errors import InputError, NotFoundError
 from memvisor.model import (
@@ -390,7 +401,9 @@ class SimHost:
             observe.sample_active(self, vm, dt)
             vm.demand = vm.stats.asked / dt
             vm.throughput = vm.stats.accesses / dt
-            vm.stall_debt += vm.stats.stall
+            # the faults served within the tick took touches from it (_runnable); the rest of
+            # the stall (queueing on the disk, reclaim, writes) is served in the next ticks
+            vm.stall_debt += max(0.0, vm.stats.stall - vm.fault_time)
             self._reset_tick(vm, dt)
         self.disk.end_tick(dt)
         self.clock.advance(dt)
@@ -409,19 +422,57 @@ class SimHost:
         if phase.release:
             guest.release(self, vm, min(phase.working_set // PAGE_SIZE, vm.anon_pages))
 
-    @staticmethod
     def _runnable(
-        vm: VMRun, touches: tuple[IntArray, BoolArray], dt: float
+        self, vm: VMRun, touches: tuple[IntArray, BoolArray], dt: float
     ) -> tuple[IntArray, BoolArray]:
-        """The touches ``vm`` gets to make this tick: a VM that stalled longer than a tick
-        (waiting for swap I/O) first works off that stall, and does the rest of its tick's
-        work only in the time left."""
+        """The touches ``vm`` gets to make this tick. A VM that stalled longer than a tick
+        first works off that stall and does the rest of its tick's work only in the time
+        left. In that time each touch takes its share of the tick (its workload asks for
+        ``dt`` worth) and a touch that faults also its fault's latency: the VM gets through
+        the touches, in order, that fit. A VM waking up to a swapped working set thus faults
+        about a tick's worth of pages per tick, as a real one does, and the host's policy acts
+        between ticks, instead of the VM faulting the whole tick's pages first (seconds of
+        stall) before any policy could react."""
         pages, writes = touches
-        vm.stats.asked = int(pages.size)
-        run = max(0.0, dt - vm.stall_debt) / dt
+        asked = int(pages.size)
+        vm.stats.asked = asked
+        vm.fault_time = 0.0
+        budget = max(0.0, dt - vm.stall_debt)
         vm.stall_debt = max(0.0, vm.stall_debt - dt)
-        keep = round(pages.size * run)
-        return pages[:keep], writes[:keep]
+        keep = round(asked * budget / dt)
+        pages, writes = pages[:keep], writes[:keep]
+        cost = self._fault_latency(vm, pages)
+        if cost is None:
+            return pages, writes
+        spent = np.cumsum(cost)
+        took = np.arange(1, keep + 1) * (dt / asked) + spent
+        k = int(np.searchsorted(took, budget, side="right"))
+        vm.fault_time = float(spent[k - 1]) if k else 0.0
+        return pages[:k], writes[:k]
+
+    def _fault_latency(self, vm: VMRun, pages: IntArray) -> npt.NDArray[np.float64] | None:
+        """Each touch's nominal fault latency (0 for a hit and for a page already touched
+        earlier in the list): guest swap, dropped page cache, host swap, first touch. None
+        when nothing faults."""
+        if pages.size == 0:
+            return None
+        g = vm.l2g[pages]
+        host_state = self.pt.state[np.maximum(g, 0)]
+        ls = vm.lstate[pages]
+        gcfg, cfg = vm.cfg.guest, self.cfg
+        cost = np.zeros(pages.size)
+        cost[ls == L_GSWAPPED] = gcfg.swap_in_latency
+        cost[ls == L_DROPPED] = gcfg.file_read_latency
+        cost[(ls == L_NEW) | ((g >= 0) & (host_state == UNTOUCHED))] = cfg.minor_fault_cost
+        cost[(g >= 0) & (host_state == SWAPPED)] = cfg.swap_in_latency
+        faulting = np.flatnonzero(cost)
+        if faulting.size == 0:
+            return None
+        _, first = np.unique(pages[faulting], return_index=True)
+        repeat = np.ones(faulting.size, dtype=bool)
+        repeat[first] = False
+        cost[faulting[repeat]] = 0.0
+        return cost
 
     def _reset_tick(self, vm: VMRun, dt: float | None = None) -> None:
         dt = self.dt if dt is None else dt

@@ -77,6 +77,7 @@ class VMRun:
     stats: TickStats = field(default_factory=TickStats)
     last: TickStats = field(default_factory=TickStats)
     stall_debt: float = 0.0  # seconds of stall not yet served (stalls longer than a tick)
+    fault_time: float = 0.0  # seconds of this tick's faults already served within the tick
     throughput: float = 0.0  # accesses per second completed in the last tick
     demand: float = 0.0  # accesses per second asked for in the last tick
     active_estimate: float | None = None
