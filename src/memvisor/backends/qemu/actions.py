@@ -168,20 +168,20 @@ def set_swap_target(host: QemuHost, vm: RunningVM, action: SetSwapTarget) -> Act
             ),
         )
     chunks = swapout.choose_chunks(resident, before - floor, cap=before - spec.reservation)
-    result = _page_out(host, vm, action, chunks, resident)
+    result, resident = _evict(host, vm, action, chunks, resident)
     notes = [result.message]
     for _ in range(swapout.LIMIT_ROUNDS - 1):
         # the running guest may fault pages of the evicted chunks straight back (hot pages):
         # evict again from what is resident now, so the limit holds when this returns
-        resident = hostmem.file_resident_pages(vm.process.paths.memory)
         now = int(resident.sum()) * PAGE_SIZE
         if now <= floor + swapout.LIMIT_SLACK:
             break
         chunks = swapout.choose_chunks(resident, now - floor, cap=now - spec.reservation)
         if not chunks:
             break
-        notes.append("again: " + _page_out(host, vm, action, chunks, resident).message)
-    after = int(hostmem.file_resident_pages(vm.process.paths.memory).sum()) * PAGE_SIZE
+        again, resident = _evict(host, vm, action, chunks, resident)
+        notes.append("again: " + again.message)
+    after = int(resident.sum()) * PAGE_SIZE
     return ActionResult(action, ok=True, achieved=max(0, before - after), message="; ".join(notes))
 
 
@@ -200,16 +200,17 @@ def swap_out_ranges(host: QemuHost, vm: RunningVM, ranges: list[tuple[int, int]]
             f"reservation {format_size(vm.spec.reservation)} resident"
         )
     action = SetSwapTarget(vm.spec.name, before - evictable)
-    return _page_out(host, vm, action, chunks, resident)
+    return _evict(host, vm, action, chunks, resident)[0]
 
 
-def _page_out(
+def _evict(
     host: QemuHost,
     vm: RunningVM,
     action: SetSwapTarget,
     chunks: list[tuple[int, int]],
     resident: npt.NDArray[np.bool_],
-) -> ActionResult:
+) -> tuple[ActionResult, npt.NDArray[np.bool_]]:
+    """Write back and evict ``chunks``; the result and the file's residency measured after."""
     before = int(resident.sum()) * PAGE_SIZE
     path = vm.process.paths.memory
     base = _file_mapping_base(vm.process.pid, path)
@@ -229,7 +230,7 @@ def _page_out(
     chunks_before = _resident_in(resident, chunks)
     chunks_after = _resident_in(after_map, chunks)
     elsewhere = (after - chunks_after) - (before - chunks_before)
-    return ActionResult(
+    result = ActionResult(
         action,
         ok=True,
         achieved=freed,
@@ -241,6 +242,7 @@ def _page_out(
             f"{format_size(after)} (freed {format_size(freed)})"
         ),
     )
+    return result, after_map
 
 
 def _resident_in(resident: npt.NDArray[np.bool_], chunks: list[tuple[int, int]]) -> int:
