@@ -361,3 +361,23 @@ def test_greet_asks_a_welcomed_agent_for_a_new_hello_only(agent) -> None:  # typ
     assert [m.TYPE for m in wire.take()] == ["hello"]
     a.receive_line(p.encode(p.Greet())[:-1])  # hello already sent, not yet welcomed
     assert wire.take() == []
+
+
+def test_a_tick_reads_vmstat_once_for_the_scan_and_the_stats(agent) -> None:  # type: ignore[no-untyped-def]
+    """The scan (swap-in rate) and the stats report are due at the same tick: one read of
+    /proc/vmstat serves both, and the report carries what the scan saw."""
+    a, _, wire, clock = agent
+    reads: list[str] = []
+
+    def read(path: str) -> str:
+        reads.append(path)
+        return "pswpin 42\npswpout 7\n" if path == "/proc/vmstat" else _real_read(path)
+
+    a.read_file = read
+    wire.take()
+    for _ in range(2):
+        clock.advance(1.0)
+        a.tick()
+    assert reads.count("/proc/vmstat") == 2  # one per tick
+    stats = [m for m in wire.take() if isinstance(m, p.Stats)]
+    assert len(stats) == 2 and stats[-1].vmstat["pswpin"] == 42

@@ -59,6 +59,7 @@ class Agent:
         self._pageouts: deque[tuple[float, int]] = deque()
         self._pending = ScanResult()  # page-outs seen while nobody listened
         self._pswpin: tuple[float, int] | None = None  # (time, /proc/vmstat pswpin) at a scan
+        self._vmstat_at: tuple[float, dict[str, int]] | None = None  # (tick time, parsed)
         self.swapin_rate = 0.0  # pages/s the guest read back from its swap, between scans
         self.prefetch: Callable[[int], int] = Prefetcher(clock)
         self.prefetched = 0  # bytes of swap covered by prefetch advice, in total
@@ -209,7 +210,7 @@ class Agent:
             self._scan(now)
         if self.welcomed and now >= self._next_stats:
             self._next_stats = now + self.stats_interval
-            self._send_stats()
+            self._send_stats(now)
         return max(0.0, min(self._next_scan, self._next_stats) - self.clock())
 
     def _scan(self, now: float) -> None:
@@ -231,7 +232,7 @@ class Agent:
 
     def _track_swapin(self, now: float) -> None:
         try:
-            pswpin = _parse_vmstat(self.read_file("/proc/vmstat")).get("pswpin")
+            pswpin = self._vmstat(now).get("pswpin")
         except (OSError, ValueError):
             return
         if pswpin is None:
@@ -259,10 +260,17 @@ class Agent:
         )
         self.send(p.encode(msg))
 
-    def _send_stats(self) -> None:
+    def _vmstat(self, now: float) -> dict[str, int]:
+        """/proc/vmstat, read once per tick: the scan (swap-in rate) and the stats report
+        are usually due at the same tick."""
+        if self._vmstat_at is None or self._vmstat_at[0] != now:
+            self._vmstat_at = (now, _parse_vmstat(self.read_file("/proc/vmstat")))
+        return self._vmstat_at[1]
+
+    def _send_stats(self, now: float) -> None:
         self._seq += 1
         meminfo = _parse_meminfo(self.read_file("/proc/meminfo"))
-        vmstat = _parse_vmstat(self.read_file("/proc/vmstat"))
+        vmstat = self._vmstat(now)
         uptime = float(self.read_file("/proc/uptime").split()[0])
         self.send(p.encode(p.Stats(self._seq, uptime, meminfo, vmstat)))
 
