@@ -96,6 +96,9 @@ class VMObservation:
     active_fraction: float | None = None  # sampled working-set estimate, 0..1 of memory
     sharing: SharingSample | None = None
     throughput: float | None = None  # workload progress per second, where known (simulator)
+    # the standing SetSwapTarget limit the backend holds, bytes (None: no limit); a restarted
+    # manager learns from it which limits it set before
+    resident_limit: int | None = None
     # which mechanism holds ``ballooned``: "agent" (guest reservation program, C2),
     # "virtio-balloon" (fallback or no agent), "" where not known (simulator)
     reclaim_path: str = ""

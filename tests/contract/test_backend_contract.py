@@ -311,6 +311,8 @@ def test_swap_target_is_a_standing_limit(backend: Harness, request: pytest.Fixtu
         reached = backend.vm(FILE_VM)
         say(backend, f"limit {format_size(limit)}: consumed {format_size(reached.consumed)}")
         assert reached.consumed <= limit + FREED_TOLERANCE, result.message
+        # the observation says which limit stands (a restarted manager learns it from there)
+        assert reached.resident_limit == max(limit, reservation_of(FILE_VM)), reached
         backend.fill(FILE_VM)
         backend.settle(backend.tick)
         after = backend.vm(FILE_VM)
@@ -322,10 +324,15 @@ def test_swap_target_is_a_standing_limit(backend: Harness, request: pytest.Fixtu
         assert after.consumed <= limit + FREED_TOLERANCE, after
     finally:
         assert backend.backend.apply(SetSwapTarget(FILE_VM, memory_of(FILE_VM))).ok
+    assert backend.vm(FILE_VM).resident_limit is None  # lifted
 
 
 def memory_of(vm: str) -> int:
     return next(s.memory for s in SPECS if s.name == vm)
+
+
+def reservation_of(vm: str) -> int:
+    return next(s.reservation for s in SPECS if s.name == vm)
 
 
 # --- KSM -----------------------------------------------------------------------------------------

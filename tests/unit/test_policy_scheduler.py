@@ -313,3 +313,20 @@ def test_a_vm_whose_guest_was_backed_off_is_left_alone_for_the_hold() -> None:
     assert not sched.balloon.holding("vm0", hold + 1.0)
     out = sched.plan(snapshot(calm, TOTAL, int(0.005 * TOTAL), time=hold + 1.0))
     assert "vm0" in swaps(out) and swaps(out)["vm0"] < 1100 * MiB  # a victim again
+
+
+def test_a_restarted_scheduler_lifts_the_limits_its_predecessor_set() -> None:
+    """The backend reports its standing swap limits; a new scheduler (a daemon restart) that
+    never set them lifts them like its own once the host has memory again."""
+    from dataclasses import replace
+
+    first = MemvisorScheduler()
+    first.plan(snapshot(four_vms(), TOTAL, int(0.005 * TOTAL)))  # LOW: swap limits set
+    limits = dict(first.swap_limit)
+    assert limits
+    vms = [(spec, replace(obs, resident_limit=limits.get(spec.name))) for spec, obs in four_vms()]
+    out = MemvisorScheduler().plan(snapshot(vms, TOTAL, int(0.20 * TOTAL), time=1.0))
+    assert swaps(out) == {n: 1536 * MiB for n in limits}
+    # without the backend's report the new scheduler does not know them (the old behaviour)
+    out = MemvisorScheduler().plan(snapshot(four_vms(), TOTAL, int(0.20 * TOTAL), time=1.0))
+    assert swaps(out) == {}

@@ -141,6 +141,10 @@ class MemvisorScheduler:
         _, state = self.states.update(host.free, host.total)
         for _spec, obs in vms:
             self.activity.update(obs.name, now, obs.active_fraction)
+            # the backend's standing limit is the truth: a restarted manager, which did not
+            # set it, still lifts it when the VM is no longer a victim
+            if obs.resident_limit is not None:
+                self.swap_limit[obs.name] = obs.resident_limit
         # a VM powered off or gone starts afresh when it comes back (its memory is new)
         self.activity.retain({obs.name for _spec, obs in vms})
         alloc = self.entitlements(snapshot, vms)

@@ -154,9 +154,9 @@ def set_swap_target(host: QemuHost, vm: RunningVM, action: SetSwapTarget) -> Act
             ok=False,
             message=(f"{spec.name}: anonymous backing has no per-VM swap file; use the balloon"),
         )
-    standing = action.resident_limit if action.resident_limit < spec.memory else None
-    host.record_swap_limit(vm, standing)  # held at every observation (QemuHost)
     floor = max(action.resident_limit, spec.reservation)
+    standing = floor if floor < spec.memory else None
+    host.record_swap_limit(vm, standing)  # held at every observation (QemuHost)
     resident = hostmem.file_resident_pages(vm.process.paths.memory)
     before = int(resident.sum()) * PAGE_SIZE
     if before <= floor:

@@ -127,4 +127,5 @@ def observe(host: QemuHost, vm: RunningVM, *, sharing: bool = True) -> VMObserva
         guest_swapped_out_rate=_swap_out_rate(vm, stats, now),
         active_fraction=_working_set(host, vm, smaps, now),
         sharing=sample,
+        resident_limit=vm.record.swap_limit,
     )

@@ -96,6 +96,7 @@ def vm_observation(host: SimHost, vm: VMRun) -> VMObservation:
         active_fraction=vm.active_estimate,
         sharing=_latest_sharing(host, vm),
         throughput=vm.throughput,
+        resident_limit=None if vm.resident_limit is None else vm.resident_limit * PAGE_SIZE,
     )
 
 
