@@ -18,12 +18,18 @@ Scenarios (each run with every policy, same seed):
 
 Besides the policies, two kinds of reference rows: memvisor told the future (which VMs will be
 busy in the next 120 s: how much knowing would give), and memvisor restarted at the start of the
-steady state, taking up the activity history the daemon keeps, or without it.
+steady state without the activity history the daemon keeps (until commit 4d8e770 the bench also
+ran the restart with that history: its rows equalled the uninterrupted run's in every scenario).
 
-Each run is measured over two windows of the same run: the *cold start* (the first
+Each run is measured over three windows of the same run: the *cold start* (the first
 ``--cold`` seconds: every VM has touched its whole footprint at boot, so the host starts 150%
-committed and nothing is known about any VM yet) and the *steady state* (the ``--steady``
-seconds after it, several idle/busy cycles later).
+committed and nothing is known about any VM yet), the *steady state* (the ``--steady``
+seconds after it, several idle/busy cycles later) and the *whole run*.
+
+Every row runs with seeds 1..``--seeds`` (the seed draws the workloads' page choices, the
+VMs' content and the working-set samples): one seed's outcome moves by a few tenths of a
+percent with the seed, as much as the policies differ in some windows, so the table gives
+medians over the seeds and the verdict also counts the seeds won.
 
 Per policy and window: total throughput (page touches completed per second, summed over
 VMs), the worst VM's slowdown (work it asked for / work done, in the window), swapped MiB at
@@ -31,18 +37,21 @@ the end, peak swapped MiB, and host memory freed per reclaimed page (host frames
 the policy's actions per page it reclaimed by balloon or swap). Prints a table and a verdict
 and writes ``bench/results/policies.md``.
 
-    .venv/bin/python bench/bench_policies.py [--cold S] [--steady S] [--quick] [--jobs N]
+    .venv/bin/python bench/bench_policies.py [--cold S] [--steady S] [--seeds N] [--quick]
+        [--scenario NAME]... [--policy LABEL]... [--jobs N] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from statistics import median
 
 from memvisor.model import SetBalloon, SetSwapTarget, Snapshot
 from memvisor.policy import Policy, get_policy
@@ -65,9 +74,8 @@ POLICIES: tuple[tuple[str, str, dict[str, object]], ...] = (
         {"thresholds": StateThresholds(high=0.02, soft=0.015, hard=0.01, low=0.005)},
     ),
     (f"(memvisor + {FORESIGHT:.0f} s foresight)", "memvisor", {"foresight": FORESIGHT}),
-    # a daemon restart at the start of the steady state: the new scheduler takes up the
-    # activity history the old one saved (what the daemon does), or starts without it
-    ("memvisor, restarted at steady start", "memvisor", {"restart": "keep"}),
+    # a daemon restart at the start of the steady state that lost the activity history the
+    # daemon saves (with it the new scheduler goes on exactly as the old one: a test says so)
     ("memvisor, restarted, history lost", "memvisor", {"restart": "lose"}),
     # memvisor's guests run its agent, which reads swapped pages back in bulk when its
     # reservation is released while the guest pages in (GuestConfig.prefetch); this row runs
@@ -168,7 +176,7 @@ SCENARIOS = {
 }
 
 
-WINDOWS = ("cold start", "steady state")
+WINDOWS = ("cold start", "steady state", "whole run")
 
 
 class Foresight(ActivityEstimator):
@@ -227,6 +235,7 @@ class Outcome:
     freed_pages: int
     decisions: int
     wall: float  # of the whole run (both windows)
+    seed: int = 7
 
     @property
     def freed_per_page(self) -> float:
@@ -264,7 +273,7 @@ def run(
     host = SimHost(host_cfg, vms, seed=seed)
     policy = make_policy(policy_name, settings, vms)
     specs = tuple(host.specs())
-    windows = [_Window({v.name: 0.0 for v in vms}, {v.name: 0.0 for v in vms}) for _ in WINDOWS]
+    windows = [_Window({v.name: 0.0 for v in vms}, {v.name: 0.0 for v in vms}) for _ in range(2)]
     started = time.perf_counter()
     for tick in range(cold + steady):
         w = windows[0 if tick < cold else 1]
@@ -288,8 +297,18 @@ def run(
         w.swapped = sum(o.swapped for o in host.observe_vms()) / MiB
         w.peak = max(w.peak, w.swapped)
     wall = time.perf_counter() - started
+    whole = _Window(
+        {n: windows[0].asked[n] + windows[1].asked[n] for n in windows[0].asked},
+        {n: windows[0].done[n] + windows[1].done[n] for n in windows[0].done},
+        reclaimed=windows[0].reclaimed + windows[1].reclaimed,
+        freed=windows[0].freed + windows[1].freed,
+        decisions=windows[0].decisions + windows[1].decisions,
+        peak=max(windows[0].peak, windows[1].peak),
+        swapped=windows[1].swapped if steady > 0 else windows[0].swapped,
+    )
     out = []
-    for name, seconds, w in zip(WINDOWS, (cold, steady), windows, strict=True):
+    spans = (cold, steady, cold + steady if cold > 0 and steady > 0 else 0)
+    for name, seconds, w in zip(WINDOWS, spans, (*windows, whole), strict=True):
         if seconds <= 0:
             continue
         slow = {n: w.asked[n] / w.done[n] if w.done[n] > 0 else float("inf") for n in w.asked}
@@ -309,6 +328,7 @@ def run(
                 freed_pages=w.freed,
                 decisions=w.decisions,
                 wall=wall,
+                seed=seed,
             )
         )
     return out
@@ -324,29 +344,82 @@ def _reclaimed_pages(action: object, before: dict) -> int:
     return 0
 
 
+@dataclass
+class Summary:
+    """One policy in one window of one scenario, over every seed it ran with: medians."""
+
+    scenario: str
+    policy: str
+    window: str
+    seconds: int
+    seeds: int
+    throughput: float  # median over seeds, touches/s
+    ratio: float  # median over seeds of throughput / none's throughput with the same seed
+    worst_slowdown: float  # median over seeds of the worst VM's slowdown
+    worst_vm: str  # the VM most often worst
+    swapped_mib: float
+    peak_swapped_mib: float
+    freed_per_page: float  # over all seeds: host frames freed / pages reclaimed
+    decisions: float
+
+
+def summarize(rows: list[Outcome]) -> list[Summary]:
+    """Medians over seeds per (scenario, window, policy), in the order rows first appear."""
+    groups: dict[tuple[str, str, str], list[Outcome]] = {}
+    for r in rows:
+        groups.setdefault((r.scenario, r.window, r.policy), []).append(r)
+    none = {(r.scenario, r.window, r.seed): r.throughput for r in rows if r.policy == "none"}
+    out = []
+    for (scenario, window, policy), rs in groups.items():
+        ratios = [
+            r.throughput / none[(scenario, window, r.seed)]
+            for r in rs
+            if none.get((scenario, window, r.seed))
+        ]
+        reclaimed = sum(r.reclaimed_pages for r in rs)
+        vms = [r.worst_vm for r in rs]
+        out.append(
+            Summary(
+                scenario=scenario,
+                policy=policy,
+                window=window,
+                seconds=rs[0].seconds,
+                seeds=len(rs),
+                throughput=median(r.throughput for r in rs),
+                ratio=median(ratios) if ratios else float("nan"),
+                worst_slowdown=median(r.worst_slowdown for r in rs),
+                worst_vm=max(dict.fromkeys(vms), key=vms.count),
+                swapped_mib=median(r.swapped_mib for r in rs),
+                peak_swapped_mib=median(r.peak_swapped_mib for r in rs),
+                freed_per_page=(
+                    sum(r.freed_pages for r in rs) / reclaimed if reclaimed else float("nan")
+                ),
+                decisions=median(r.decisions for r in rs),
+            )
+        )
+    return out
+
+
 def table(rows: list[Outcome]) -> str:
     head = (
         "| scenario | window | policy | throughput (touches/s) | vs none | worst VM slowdown "
         "(VM) | swapped MiB (end / peak) | host freed per reclaimed page | decisions |\n"
         "|---|---|---|---:|---:|---:|---:|---:|---:|\n"
     )
-    base = {(r.scenario, r.window): r.throughput for r in rows if r.policy == "none"}
     lines = []
-    for r in rows:
-        b = base.get((r.scenario, r.window))
-        ratio = r.throughput / b if b else float("nan")
-        fpp = "—" if r.reclaimed_pages == 0 else f"{r.freed_per_page:.2f}"
+    for r in summarize(rows):
+        fpp = "—" if math.isnan(r.freed_per_page) else f"{r.freed_per_page:.2f}"
         lines.append(
             f"| {r.scenario} | {r.window} ({r.seconds} s) | {r.policy} | {r.throughput:,.0f} | "
-            f"{ratio:.4f} | {r.worst_slowdown:.3f} ({r.worst_vm}) | "
-            f"{r.swapped_mib:,.0f} / {r.peak_swapped_mib:,.0f} | {fpp} | {r.decisions} |"
+            f"{r.ratio:.4f} | {r.worst_slowdown:.3f} ({r.worst_vm}) | "
+            f"{r.swapped_mib:,.0f} / {r.peak_swapped_mib:,.0f} | {fpp} | {r.decisions:.0f} |"
         )
     return head + "\n".join(lines) + "\n"
 
 
-def _lost_to(got: dict[str, Outcome], ours: Outcome) -> list[str]:
-    """The baselines ``ours`` does not beat, each with what it does not beat them on (a tie
-    is not a win)."""
+def _lost_to(got: dict[str, Summary], ours: Summary) -> list[str]:
+    """The baselines ``ours`` does not beat on the medians, each with what it does not beat
+    them on (a tie is not a win)."""
     lost = []
     for name, r in got.items():
         if name not in BASELINES:
@@ -364,19 +437,44 @@ def _lost_to(got: dict[str, Outcome], ours: Outcome) -> list[str]:
     return lost
 
 
+def _seed_wins(rows: list[Outcome], scenario: str, window: str, ours: str) -> str:
+    """Per baseline, in how many seeds ``ours`` beats it on both throughput and worst
+    slowdown."""
+    mine = {r.seed: r for r in rows if (r.scenario, r.window, r.policy) == (scenario, window, ours)}
+    parts = []
+    for name in BASELINES:
+        theirs = {
+            r.seed: r for r in rows if (r.scenario, r.window, r.policy) == (scenario, window, name)
+        }
+        seeds = sorted(mine.keys() & theirs.keys())
+        if not seeds:
+            continue
+        won = sum(
+            1
+            for k in seeds
+            if mine[k].throughput > theirs[k].throughput
+            and mine[k].worst_slowdown < theirs[k].worst_slowdown
+        )
+        parts.append(f"{name} {won}/{len(seeds)}")
+    return ", ".join(parts)
+
+
 def verdict(rows: list[Outcome]) -> str:
-    """Per scenario and window: does the default memvisor beat every baseline on throughput
-    and worst slowdown? And would it, told the future (the foresight reference)? Where even
+    """Per scenario and window: does the default memvisor beat every baseline on the median
+    throughput and the median worst slowdown over the seeds (and in how many seeds does it
+    beat each on both)? And would it, told the future (the foresight reference)? Where even
     the reference does not, no answer to "which VM will be busy?" wins that window."""
+    sums = summarize(rows)
     lines = []
-    for scenario in dict.fromkeys(r.scenario for r in rows):
+    for scenario in dict.fromkeys(r.scenario for r in sums):
         for window in WINDOWS:
-            got = {r.policy: r for r in rows if r.scenario == scenario and r.window == window}
+            got = {r.policy: r for r in sums if r.scenario == scenario and r.window == window}
             ours = got.get("memvisor")
             if ours is None:
                 continue
             lost = _lost_to(got, ours)
             text = "beats every baseline" if not lost else "does not beat " + "; ".join(lost)
+            text += f" (seeds won on both: {_seed_wins(rows, scenario, window, 'memvisor')})"
             ref = next((r for name, r in got.items() if "foresight" in name), None)
             if ref is not None:
                 ref_lost = _lost_to(got, ref)
@@ -392,63 +490,79 @@ def verdict(rows: list[Outcome]) -> str:
 BASELINES = ("mom", "proxmox", "none")
 
 
-def _one(job: tuple[str, str, str, dict[str, object], int, int]) -> list[Outcome]:
-    scenario, label, policy, settings, cold, steady = job
-    return run(scenario, policy, cold, steady, label=label, settings=settings)
+def _one(job: tuple[str, str, str, dict[str, object], int, int, int]) -> list[Outcome]:
+    scenario, label, policy, settings, cold, steady, seed = job
+    return run(scenario, policy, cold, steady, seed=seed, label=label, settings=settings)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cold", type=int, default=300, help="simulated seconds of cold start")
     ap.add_argument("--steady", type=int, default=600, help="simulated seconds after it")
+    ap.add_argument("--seeds", type=int, default=5, help="runs per policy: seeds 1..N")
     ap.add_argument("--quick", action="store_true", help="30 + 30 s runs, for a smoke test")
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), action="append")
+    labels = [label for label, _, _ in POLICIES]
+    ap.add_argument("--policy", choices=labels, action="append", help="rows to run (all)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds must be at least 1, got {args.seeds}")
     cold, steady = (30, 30) if args.quick else (args.cold, args.steady)
+    seeds = list(range(1, args.seeds + 1))
     jobs = [
-        (scenario, label, policy, settings, cold, steady)
+        (scenario, label, policy, settings, cold, steady, seed)
         for scenario in args.scenario or list(SCENARIOS)
+        for seed in seeds
         for label, policy, settings in POLICIES
+        if args.policy is None or label in args.policy
     ]
     rows: list[Outcome] = []
+    started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        for outcomes in pool.map(_one, jobs):
+        for done, outcomes in enumerate(pool.map(_one, jobs), 1):
             rows.extend(outcomes)
-            for r in outcomes:
-                print(
-                    f"{r.scenario:16s} {r.window:12s} {r.policy:20s} throughput "
-                    f"{r.throughput:10,.0f}/s  worst slowdown {r.worst_slowdown:5.3f}  swapped "
-                    f"{r.swapped_mib:6.0f} MiB  ({r.wall:.0f} s)",
-                    flush=True,
-                )
+            r = outcomes[-1]
+            print(
+                f"[{done}/{len(jobs)} {time.perf_counter() - started:5.0f} s] {r.scenario:16s} "
+                f"seed {r.seed} {r.policy:36s} whole run: throughput {r.throughput:10,.0f}/s"
+                f"  worst slowdown {r.worst_slowdown:5.3f}  ({r.wall:.0f} s)",
+                flush=True,
+            )
     text = table(rows) + "\n" + verdict(rows)
     print(text)
     if not args.no_write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(_report(text, cold, steady))
+        RESULTS.write_text(_report(text, cold, steady, seeds))
         print(f"wrote {RESULTS}")
     return 0
 
 
-def _report(text: str, cold: int, steady: int) -> str:
+def _report(text: str, cold: int, steady: int, seeds: list[int]) -> str:
     return (
         "# Memory policies on the simulator\n\n"
         f"`bench/bench_policies.py`: each run is {cold + steady} simulated seconds at 1 s ticks, "
-        f"seed 7, measured over two windows: the cold start (first {cold} s) and the steady "
-        f"state (the {steady} s after it). Every policy runs the same scenario with the same "
+        f"measured over three windows: the cold start (first {cold} s), the steady state (the "
+        f"{steady} s after it) and the whole run. Every policy runs the same scenarios with the "
+        f"same seeds ({seeds[0]}..{seeds[-1]}: {len(seeds)} runs per row; the seed draws the "
+        "workloads' page choices, the VMs' content and the samples); each figure is the median "
+        "over the seeds, 'vs none' the median of the per-seed ratios to `none` in the same "
         "seed. The simulator charges host kernel reclaim as on a real host (direct-reclaim "
         "stall, a shared 512 MiB/s swap disk, faults served within the tick and the rest of "
         "the stall carried across ticks: docs/simulator.md). "
         "Throughput is page touches completed per second summed over all VMs; a VM's slowdown "
         "is the work its workload asked for divided by the work it completed in the window "
-        "(1.000 = no slowdown); 'host freed per reclaimed page' is host frames the policy's own "
-        "actions freed per page they reclaimed (balloon growth or resident memory above a new "
-        "swap limit). Two kinds of rows are not policies: '(memvisor + N s foresight)' is the "
-        "scheduler told which VMs will be busy in the next N s (a bound on what knowing would "
-        "give), and the 'restarted' rows replace the scheduler at the start of the steady "
-        "state, with the activity history the daemon keeps or without it.\n\n" + text
+        "(1.000 = no slowdown); the worst VM named is the one most often worst; 'host freed "
+        "per reclaimed page' is host frames the policy's own actions freed per page they "
+        "reclaimed (balloon growth or resident memory above a new swap limit), over all seeds. "
+        "Two kinds of rows are not policies: '(memvisor + N s foresight)' is the scheduler "
+        "told which VMs will be busy in the next N s (a bound on what knowing would give), and "
+        "'restarted, history lost' replaces the scheduler at the start of the steady state by "
+        "one without the activity history the daemon keeps (with that history, which earlier "
+        "runs of this bench also tried, the steady state equalled the uninterrupted run's). The "
+        "verdict compares medians and counts, per baseline, the seeds in which memvisor beats "
+        "it on both throughput and worst slowdown (a tie is not a win).\n\n" + text
     )
 
 

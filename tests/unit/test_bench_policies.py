@@ -40,8 +40,8 @@ def test_foresight_is_only_built_into_the_memvisor_scheduler() -> None:
     assert isinstance(plain, MemvisorScheduler) and not isinstance(plain.activity, bp.Foresight)
 
 
-def _row(policy: str, thr: float, worst: float) -> bp.Outcome:
-    return bp.Outcome("s", policy, "cold start", 10, thr, worst, "vm", 0, 0, 0, 0, 0, 0.0)
+def _row(policy: str, thr: float, worst: float, seed: int = 7, vm: str = "vm") -> bp.Outcome:
+    return bp.Outcome("s", policy, "cold start", 10, thr, worst, vm, 0, 0, 0, 0, 0, 0.0, seed)
 
 
 def test_verdict_counts_a_tie_as_not_beaten_and_judges_the_reference_apart() -> None:
@@ -52,5 +52,55 @@ def test_verdict_counts_a_tie_as_not_beaten_and_judges_the_reference_apart() -> 
         _row("(memvisor + 120 s foresight)", 200.0, 1.0),  # a reference, not a baseline
     ]
     text = bp.verdict(rows)
-    assert "memvisor does not beat none (worst slowdown); with foresight it would beat" in text
-    assert "mom" not in text
+    assert (
+        "memvisor does not beat none (worst slowdown) (seeds won on both: mom 1/1, none 0/1); "
+        "with foresight it would beat every baseline" in text
+    )
+    assert "beat mom" not in text
+
+
+def test_summary_takes_medians_over_seeds_and_ratios_within_a_seed() -> None:
+    rows = [
+        _row("memvisor", 110.0, 1.10, seed=1, vm="a"),
+        _row("memvisor", 90.0, 1.30, seed=2, vm="b"),
+        _row("memvisor", 105.0, 1.20, seed=3, vm="b"),
+        _row("none", 100.0, 1.2, seed=1),
+        _row("none", 80.0, 1.2, seed=2),
+        _row("none", 100.0, 1.2, seed=3),
+    ]
+    ours = next(s for s in bp.summarize(rows) if s.policy == "memvisor")
+    assert ours.seeds == 3
+    assert ours.throughput == 105.0  # median of 110, 90, 105
+    # per-seed ratios 1.1, 1.125, 1.05: their median, not 105 / 100
+    assert ours.ratio == pytest.approx(1.1)
+    assert ours.worst_slowdown == pytest.approx(1.2)
+    assert ours.worst_vm == "b"  # the VM most often worst
+
+
+def test_verdict_judges_medians_and_counts_the_seeds_won_on_both() -> None:
+    rows = [
+        _row("memvisor", 110.0, 1.1, seed=1),
+        _row("memvisor", 99.0, 1.1, seed=2),  # loses seed 2 on throughput
+        _row("memvisor", 101.0, 1.3, seed=3),  # loses seed 3 on worst slowdown
+        *(_row("none", 100.0, 1.2, seed=k) for k in (1, 2, 3)),
+    ]
+    text = bp.verdict(rows)
+    assert "memvisor beats every baseline (seeds won on both: none 1/3)" in text
+
+
+def test_a_restart_without_the_activity_history_changes_the_steady_state_only() -> None:
+    plain = bp.run("mixed-150", "memvisor", 20, 20, seed=3)
+    lost = bp.run("mixed-150", "memvisor", 20, 20, seed=3, settings={"restart": "lose"})
+    assert [r.window for r in plain] == ["cold start", "steady state", "whole run"]
+    assert lost[0] == plain[0].__class__(**{**vars(plain[0]), "wall": lost[0].wall})
+    assert lost[1].reclaimed_pages != plain[1].reclaimed_pages
+
+
+def test_the_whole_run_window_adds_up_both_windows() -> None:
+    cold, steady, whole = bp.run("idle-tax", "none", 15, 25, seed=2)
+    assert whole.seconds == 40
+    assert whole.throughput == pytest.approx(
+        (cold.throughput * 15 + steady.throughput * 25) / 40, rel=1e-9
+    )
+    assert whole.worst_slowdown >= min(cold.worst_slowdown, steady.worst_slowdown)
+    assert whole.peak_swapped_mib == max(cold.peak_swapped_mib, steady.peak_swapped_mib)
