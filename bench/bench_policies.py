@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cold", type=int, default=300, help="simulated seconds of cold start")
     ap.add_argument("--steady", type=int, default=600, help="simulated seconds after it")
-    ap.add_argument("--seeds", type=int, default=5, help="runs per policy: seeds 1..N")
+    ap.add_argument("--seeds", type=int, default=3, help="runs per policy: seeds 1..N")
     ap.add_argument("--quick", action="store_true", help="30 + 30 s runs, for a smoke test")
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), action="append")
     labels = [label for label, _, _ in POLICIES]

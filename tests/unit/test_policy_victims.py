@@ -1,4 +1,4 @@
-"""Share-aware victim choice: yield per reclaimed page, order, and the split of a need."""
+"""Share-aware victim choice: yield per reclaimed page, order, and the spread of a need."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from policy_snapshots import vm
 
-from memvisor.policy.victims import Candidate, expected_yield, order, split
+from memvisor.policy.victims import Candidate, expected_yield, order, spread
 from memvisor.units import MiB
 
 
@@ -49,15 +49,38 @@ def test_idle_vm_goes_before_a_busy_one_with_a_slightly_better_yield() -> None:
     assert "net freed/page 0.68" in idle.describe() and "idle 97%" in idle.describe()
 
 
-def test_split_takes_from_the_first_victim_then_the_next() -> None:
+def test_a_clearly_better_yield_gives_first_then_the_next() -> None:
     a = Candidate("a", 100 * MiB, 1.0, "", 1.0)
     b = Candidate("b", 500 * MiB, 0.5, "", 1.0)
-    shares = split([a, b], 200 * MiB)
-    assert [(s.candidate.name, s.reclaim) for s in shares] == [("a", 100 * MiB), ("b", 200 * MiB)]
-    assert sum(s.expected_freed for s in shares) == 200 * MiB
+    asks = spread([a, b], 200 * MiB, band=0.1)
+    # a frees a page per page; b half a page: 100 MiB more freed costs it 200 MiB
+    assert asks == {"a": 100 * MiB, "b": 200 * MiB}
 
 
-def test_split_never_takes_more_than_the_excess() -> None:
+def test_never_more_than_the_excess() -> None:
     a = Candidate("a", 10 * MiB, 1.0, "", 1.0)
-    shares = split([a], 200 * MiB)
-    assert shares[0].reclaim == 10 * MiB
+    assert spread([a], 200 * MiB, band=0.1) == {"a": 10 * MiB}
+    assert spread([a], 0, band=0.1) == {}
+
+
+def test_victims_alike_give_down_to_a_common_level() -> None:
+    """Three idle VMs of about the same yield: the one holding most above its entitlement
+    gives first, and none is squeezed below the level the others keep; the order (names)
+    does not single one out, as taking all from the first one did."""
+    cs = order(
+        [
+            Candidate("a", 100 * MiB, 0.70, "", 1.0),
+            Candidate("b", 300 * MiB, 0.65, "", 1.0),
+            Candidate("c", 200 * MiB, 0.68, "", 1.0),
+        ]
+    )
+    need = int(0.7 * 150 * MiB)
+    asks = spread(cs, need, band=0.1)
+    left = {c.name: c.excess - asks.get(c.name, 0) for c in cs}
+    freed = sum(asks.get(c.name, 0) * c.freed_per_page for c in cs)
+    assert need <= freed <= need + 3 * 4096
+    assert asks.get("a", 0) == 0  # a holds least above entitlement: the level is above it
+    assert abs(left["b"] - left["c"]) <= 4096  # b and c are left at the same level
+    # one at a time in order (band None) takes it all from the first, the old rule
+    one_by_one = spread(cs, need, band=None)
+    assert one_by_one["a"] == 100 * MiB and set(one_by_one) == {"a", "c"}

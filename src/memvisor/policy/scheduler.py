@@ -12,7 +12,8 @@ Every call to :meth:`MemvisorScheduler.plan`:
    - HIGH: no reclamation. Free memory above the free target is given back: balloons
      deflate (VMs below entitlement first) and swap limits are lifted.
    - SOFT: bring free memory back to the target by ballooning VMs above their entitlement, the
-     VM that frees the most host memory per reclaimed page first (C1, net of idleness), among
+     VM that frees the most host memory per reclaimed page first (C1, net of idleness; VMs of
+     about the same net yield give together, down to a common level: victims.spread), among
      the VMs whose activity estimate (peak-holding) is at most ``max_active``: squeezing a busy
      VM's working set to keep a free-memory margin costs more than it saves. No swapping:
      swap limits set in HARD or LOW are lifted (a kept limit would make the hypervisor swap
@@ -65,7 +66,7 @@ from memvisor.policy.entitlement import (
     idle_cost_factor,
 )
 from memvisor.policy.states import FreeMemoryStates, StateThresholds
-from memvisor.policy.victims import Candidate, expected_yield, order
+from memvisor.policy.victims import Candidate, expected_yield, order, spread
 from memvisor.units import MiB
 
 VM = tuple[VMSpec, VMObservation]
@@ -84,6 +85,9 @@ class SchedulerSettings:
     dead_band: int = 4 * MiB
     max_active: float = 0.5  # every state reclaims only from VMs at most this active
     growth_guard: int = 4 * MiB  # bytes/s of host memory growth that exempts a VM this tick
+    # victims whose net yields differ by at most this much give together (victims.spread);
+    # None: one at a time in order
+    spread_band: float | None = 0.1
 
     def __post_init__(self) -> None:
         idle_cost_factor(self.tax)  # validates the tax
@@ -93,6 +97,8 @@ class SchedulerSettings:
             raise InputError("demand_headroom, swap_rate and dead_band must not be negative")
         if not 0.0 <= self.max_active <= 1.0:
             raise InputError(f"max_active must be in [0, 1], got {self.max_active}")
+        if self.spread_band is not None and not 0.0 <= self.spread_band <= 1.0:
+            raise InputError(f"spread_band must be in [0, 1] or None, got {self.spread_band}")
 
 
 @dataclass
@@ -266,17 +272,20 @@ class MemvisorScheduler:
     def _balloon_victims(
         self, t: _Tick, victims: list[Candidate], by_name: dict[str, VM], need: int
     ) -> tuple[int, set[str]]:
-        """Balloon the victims in order until ``need`` host bytes are on their way; returns the
-        host bytes still needed and the victims whose guests stopped the balloon."""
+        """Balloon the victims in order until ``need`` host bytes are on their way, victims of
+        about the same net yield together (:func:`victims.spread`); returns the host bytes
+        still needed and the victims whose guests stopped the balloon."""
         left, short = need, set()
+        asks = spread(victims, max(need, 0), self.settings.spread_band)
         for c in victims:
             spec, obs = by_name[c.name]
             cur = obs.balloon_target
-            ask = min(c.excess, int(max(left, 0) / max(c.freed_per_page, 0.01)))
+            ask = asks.get(c.name, 0)
             step = self._step(obs, spec, cur + ask, t.snap.host.time)
             target = step.target
-            # only what the guest refuses moves on to the next victim; what the gain and the
-            # rate limit defer is still this VM's to give on the next ticks
+            # what the guest refuses is still needed: swap covers it in HARD and LOW, and the
+            # next tick shares it among the victims left; what the gain and the rate limit
+            # defer is still this VM's to give on the next ticks
             # (in LOW only what is really asked counts: swap covers the rest at once)
             deferred_ok = not step.limited and t.state is not HostState.LOW
             got = ask if deferred_ok else max(target - cur, 0)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from memvisor.model import VMObservation
 from memvisor.sharing.ranking import rank_for_reclamation
+from memvisor.units import PAGE_SIZE
 
 MIN_YIELD = 0.01  # a VM whose pages free almost nothing still counts as freeing a little
 
@@ -48,15 +49,6 @@ class Candidate:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Share:
-    """A victim's part of a reclamation: bytes to reclaim and host bytes that should free."""
-
-    candidate: Candidate
-    reclaim: int
-    expected_freed: int
-
-
 def expected_yield(vm: VMObservation) -> tuple[float, str]:
     """(expected host memory freed per reclaimed page, the statistic that says so)."""
     s = vm.sharing
@@ -76,20 +68,50 @@ def order(candidates: Iterable[Candidate]) -> list[Candidate]:
     return sorted(candidates, key=lambda c: (-c.net_yield, c.ratio, -c.excess, c.name))
 
 
-def split(ordered: Iterable[Candidate], need: int) -> list[Share]:
-    """Take ``need`` bytes of host memory from the victims in order: each gives up to its
-    excess; a page of victim i frees ``freed_per_page`` of a page, so freeing b bytes costs it
-    b / freed_per_page reclaimed bytes."""
-    shares: list[Share] = []
+def spread(ordered: list[Candidate], need: int, band: float | None) -> dict[str, int]:
+    """Bytes to reclaim from each victim (``ordered`` as :func:`order` gives them) so that
+    ``need`` bytes of host memory are freed. Victims whose net yields lie within ``band`` of
+    the first of their run are one group: a group gives together, each victim down to a
+    common level of excess (water-filling: the VM holding the most above its entitlement gives
+    first, and none is squeezed further than the others), before the next group gives
+    anything. A clearly better yield still goes first (C1); among VMs that look the same to
+    the policy, nobody is singled out by its name. ``band`` None: one VM at a time, in order."""
+    out: dict[str, int] = {}
     left = need
-    for c in ordered:
-        if left <= 0:
-            break
+    i = 0
+    while i < len(ordered) and left > 0:
+        j = i + 1
+        if band is not None:
+            while j < len(ordered) and abs(ordered[j].net_yield - ordered[i].net_yield) <= band:
+                j += 1
+        group = ordered[i:j]
+        i = j
+        level = _level(group, left)
+        for c in group:
+            take = min(_pages(c.excess - level), c.excess)
+            if take > 0:
+                out[c.name] = take
+                left -= int(take * max(c.freed_per_page, MIN_YIELD))
+    return out
+
+
+def _level(group: list[Candidate], need: int) -> float:
+    """The level of excess L at which ``group`` frees ``need`` bytes when each VM gives what
+    it holds above L (sum of (excess - L) x yield over the VMs above L), or 0 if even all of
+    it frees less. Exact: the VMs above L are the k largest, for the smallest k that works."""
+    vms = sorted(group, key=lambda c: -c.excess)
+    weighted = total_y = 0.0
+    for k, c in enumerate(vms):
         y = max(c.freed_per_page, MIN_YIELD)
-        take = min(c.excess, math.ceil(left / y))
-        if take <= 0:
-            continue
-        freed = int(take * y)
-        shares.append(Share(c, take, freed))
-        left -= freed
-    return shares
+        weighted += c.excess * y
+        total_y += y
+        level = (weighted - need) / total_y  # where the k + 1 largest free exactly ``need``
+        below = vms[k + 1].excess if k + 1 < len(vms) else 0
+        if level >= below:
+            return level
+    return 0.0
+
+
+def _pages(n: float) -> int:
+    """``n`` bytes rounded up to whole pages (0 for n <= 0)."""
+    return max(math.ceil(n / PAGE_SIZE), 0) * PAGE_SIZE
