@@ -13,6 +13,9 @@ the idle one, which is what the idle memory tax also says. Ties go to the VM wit
 shares-per-page ratio, then to the larger excess. Without a sample, the yield is estimated
 from the VM's shared bytes, assuming a shared frame is shared two ways, and the decision says
 so.
+
+How much each gives (:func:`spread`): victims whose net yields are about the same give
+together, down to a common level of excess, before the next, clearly worse, victims give.
 """
 
 from __future__ import annotations
