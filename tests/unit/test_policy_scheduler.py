@@ -330,3 +330,24 @@ def test_a_restarted_scheduler_lifts_the_limits_its_predecessor_set() -> None:
     # without the backend's report the new scheduler does not know them (the old behaviour)
     out = MemvisorScheduler().plan(snapshot(four_vms(), TOTAL, int(0.20 * TOTAL), time=1.0))
     assert swaps(out) == {}
+
+
+def test_spread_band_is_checked() -> None:
+    from memvisor.errors import InputError
+    from memvisor.policy import get_policy
+
+    with pytest.raises(InputError, match="spread_band"):
+        get_policy("memvisor", spread_band=1.5)
+    assert isinstance(get_policy("memvisor", spread_band=0.0), MemvisorScheduler)
+
+
+def test_alike_idle_vms_give_together_a_clearly_better_one_first() -> None:
+    """Three idle VMs above entitlement with about the same yield, one shared (low yield): the
+    three alike are ballooned in the same tick by about the same amount, the shared one not."""
+    vms = [
+        vm(f"idle{i}", 1536 * MiB, 1100 * MiB, active=0.05, freed_per_page=0.9) for i in range(3)
+    ]
+    vms.append(vm("shared", 1536 * MiB, 1100 * MiB, active=0.05, freed_per_page=0.3))
+    out = balloons(MemvisorScheduler().plan(snapshot(vms, TOTAL, int(0.035 * TOTAL))))  # SOFT
+    assert set(out) == {"idle0", "idle1", "idle2"}, out
+    assert max(out.values()) - min(out.values()) <= 4 * MiB
