@@ -144,7 +144,14 @@ def _wait_balloon(qmp: object, actual_target: int) -> int:
         time.sleep(0.1)
 
 
-def set_swap_target(host: QemuHost, vm: RunningVM, action: SetSwapTarget) -> ActionResult:
+def set_swap_target(
+    host: QemuHost,
+    vm: RunningVM,
+    action: SetSwapTarget,
+    resident: npt.NDArray[np.bool_] | None = None,
+) -> ActionResult:
+    """Keep at most the limit of ``vm``'s memory file resident. ``resident``: the file's
+    residency map if the caller has just measured it (the standing-limit check has)."""
     spec = vm.spec
     if action.resident_limit < 0:
         raise InputError(f"{spec.name}: resident limit {action.resident_limit} bytes is negative")
@@ -157,7 +164,8 @@ def set_swap_target(host: QemuHost, vm: RunningVM, action: SetSwapTarget) -> Act
     floor = max(action.resident_limit, spec.reservation)
     standing = floor if floor < spec.memory else None
     host.record_swap_limit(vm, standing)  # held at every observation (QemuHost)
-    resident = hostmem.file_resident_pages(vm.process.paths.memory)
+    if resident is None:
+        resident = hostmem.file_resident_pages(vm.process.paths.memory)
     before = int(resident.sum()) * PAGE_SIZE
     if before <= floor:
         return ActionResult(

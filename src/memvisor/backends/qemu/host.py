@@ -292,9 +292,10 @@ class QemuHost:
         limit = vm.record.swap_limit
         if limit is None:
             return
-        resident = int(hostmem.file_resident_pages(vm.process.paths.memory).sum()) * PAGE_SIZE
-        if resident > max(limit, vm.spec.reservation) + swapout.LIMIT_SLACK:
-            result = actions.set_swap_target(self, vm, SetSwapTarget(vm.spec.name, limit))
+        resident = hostmem.file_resident_pages(vm.process.paths.memory)
+        if int(resident.sum()) * PAGE_SIZE > max(limit, vm.spec.reservation) + swapout.LIMIT_SLACK:
+            action = SetSwapTarget(vm.spec.name, limit)
+            result = actions.set_swap_target(self, vm, action, resident)
             if not result.ok:
                 self.events.append(f"{vm.spec.name}: holding the swap limit: {result.message}")
 
