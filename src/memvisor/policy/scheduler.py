@@ -66,7 +66,7 @@ from memvisor.policy.entitlement import (
     idle_cost_factor,
 )
 from memvisor.policy.states import FreeMemoryStates, StateThresholds
-from memvisor.policy.victims import Candidate, expected_yield, order, spread
+from memvisor.policy.victims import MIN_YIELD, Candidate, expected_yield, order, spread
 from memvisor.units import MiB
 
 VM = tuple[VMSpec, VMObservation]
@@ -327,7 +327,7 @@ class MemvisorScheduler:
                 continue
             spec, obs = by_name[c.name]
             bottom = max(spec.reservation, t.alloc.of(spec.name))
-            y = max(c.freed_per_page, 0.01)
+            y = max(c.freed_per_page, MIN_YIELD)
             take = min(c.excess, int(rate * t.dt), int(left / y) + 1)
             limit = max(bottom, obs.consumed - take)
             if limit >= obs.consumed:
