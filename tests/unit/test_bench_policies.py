@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def test_a_restart_without_the_activity_history_changes_the_steady_state_only() 
     plain = bp.run("mixed-150", "memvisor", 20, 20, seed=3)
     lost = bp.run("mixed-150", "memvisor", 20, 20, seed=3, settings={"restart": "lose"})
     assert [r.window for r in plain] == ["cold start", "steady state", "whole run"]
-    assert lost[0] == plain[0].__class__(**{**vars(plain[0]), "wall": lost[0].wall})
+    assert lost[0] == dataclasses.replace(plain[0], wall=lost[0].wall)
     assert lost[1].reclaimed_pages != plain[1].reclaimed_pages
 
 

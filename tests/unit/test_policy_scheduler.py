@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from policy_snapshots import snapshot, vm
 
+from memvisor.errors import InputError
 from memvisor.model import Backing, SetBalloon, SetSwapTarget
+from memvisor.policy import get_policy
 from memvisor.policy.base import PoolInfo
 from memvisor.policy.scheduler import MemvisorScheduler, SchedulerSettings
 from memvisor.units import GiB, MiB
@@ -318,8 +322,6 @@ def test_a_vm_whose_guest_was_backed_off_is_left_alone_for_the_hold() -> None:
 def test_a_restarted_scheduler_lifts_the_limits_its_predecessor_set() -> None:
     """The backend reports its standing swap limits; a new scheduler (a daemon restart) that
     never set them lifts them like its own once the host has memory again."""
-    from dataclasses import replace
-
     first = MemvisorScheduler()
     first.plan(snapshot(four_vms(), TOTAL, int(0.005 * TOTAL)))  # LOW: swap limits set
     limits = dict(first.swap_limit)
@@ -333,9 +335,6 @@ def test_a_restarted_scheduler_lifts_the_limits_its_predecessor_set() -> None:
 
 
 def test_spread_band_is_checked() -> None:
-    from memvisor.errors import InputError
-    from memvisor.policy import get_policy
-
     with pytest.raises(InputError, match="spread_band"):
         get_policy("memvisor", spread_band=1.5)
     assert isinstance(get_policy("memvisor", spread_band=0.0), MemvisorScheduler)
