@@ -30,7 +30,7 @@ Every row runs with seeds 1..``--seeds`` (the seed draws the workloads' page cho
 VMs' content and the working-set samples): one seed's outcome moves by a few tenths of a
 percent with the seed, as much as the policies differ in some windows, so the table gives
 medians over the seeds and the verdict also counts the seeds won. A full run (five scenarios,
-eight rows, three seeds: 120 runs of 900 simulated seconds) takes about 36 minutes on two
+nine rows, three seeds: 135 runs of 900 simulated seconds) takes about 40 minutes on two
 cores.
 
 Per policy and window: total throughput (page touches completed per second, summed over
@@ -55,6 +55,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
 
+from memvisor.agent.prefetch import READ_RATE
 from memvisor.model import SetBalloon, SetSwapTarget, Snapshot
 from memvisor.policy import Policy, get_policy
 from memvisor.policy.activity import ActivityEstimator
@@ -83,6 +84,9 @@ POLICIES: tuple[tuple[str, str, dict[str, object]], ...] = (
     # reservation is released while the guest pages in (GuestConfig.prefetch); this row runs
     # memvisor on a plain balloon driver, as the baselines have, to show what that is worth
     ("memvisor, plain balloon driver", "memvisor", {"agent_prefetch": False}),
+    # the agent's read-back is paced (agent.prefetch.READ_RATE); this row reads a release back
+    # all at once, as the agent did before, to show what the pacing is worth
+    ("memvisor, read-back at once", "memvisor", {"prefetch_rate": 0}),
     ("mom", "mom", {}),
     ("proxmox", "proxmox", {}),
     ("none", "none", {}),
@@ -268,8 +272,11 @@ def run(
     restart = settings.pop("restart", None)  # "lose": a new scheduler, without the history
     if restart not in (None, "lose"):
         raise ValueError(f"restart must be 'lose' or absent, got {restart!r}")
+    rate = settings.pop("prefetch_rate", READ_RATE)
+    if not isinstance(rate, int) or rate < 0:
+        raise ValueError(f"prefetch_rate must be bytes per second (0: at once), got {rate!r}")
     if settings.pop("agent_prefetch", policy_name == "memvisor"):
-        vms = [replace(v, guest=replace(v.guest, prefetch=True)) for v in vms]
+        vms = [replace(v, guest=replace(v.guest, prefetch=True, prefetch_rate=rate)) for v in vms]
     host = SimHost(host_cfg, vms, seed=seed)
     policy = make_policy(policy_name, settings, vms)
     specs = tuple(host.specs())

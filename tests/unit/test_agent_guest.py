@@ -23,6 +23,7 @@ from memvisor.agent.backing import RamLayout, RamRegion
 from memvisor.agent.guest import Agent, _parse_meminfo, _parse_vmstat, find_port
 from memvisor.agent.host import AgentSession, AgentState
 from memvisor.agent.link import AgentLink
+from memvisor.agent.prefetch import READ_STEP
 from memvisor.agent.reserve import PRESENT, SWAPPED, ProcPagemap, Reservation, entry_pfn
 from memvisor.backends.base import ManualClock, RealClock
 
@@ -158,6 +159,68 @@ def test_a_release_prefetches_only_while_the_guest_pages_in(agent, tmp_path: Pat
     a.tick()
     a.receive_line(p.encode(p.Release(5, 512))[:-1])
     assert len(asked) == 2
+
+
+def test_the_read_back_is_paced_and_stops_when_the_host_reserves_again(agent) -> None:  # type: ignore[no-untyped-def]
+    """A release while the guest pages in is read back in chunks of read_rate x READ_STEP, one
+    chunk per step (tick() wakes the agent for it), never more than the guest has room for;
+    the read-back ends when the swap has nothing left to read or the host reserves again."""
+    a, _, wire, clock = agent
+    vmstat = {"pswpin": 0}
+    files = {"/proc/meminfo": "MemFree: 65536 kB\n", "/proc/sys/vm/min_free_kbytes": "1024\n"}
+    a.read_file = lambda path: (
+        f"pswpin {vmstat['pswpin']}\n"
+        if path == "/proc/vmstat"
+        else files.get(path) or _real_read(path)
+    )
+    asked: list[int] = []
+    swapped = {"left": 10 << 20}  # what the guest has in swap to read
+
+    def prefetch(limit: int) -> int:
+        asked.append(limit)
+        got = min(limit, swapped["left"])
+        swapped["left"] -= got
+        return got
+
+    a.prefetch = prefetch
+    a.read_rate = 4 << 20  # 1 MiB per step of 0.25 s
+    chunk = int(a.read_rate * READ_STEP)
+    a.receive_line(p.encode(p.Reserve(1, 4 * 512))[:-1])
+    wire.take()
+    clock.advance(1.0)
+    a.tick()
+    vmstat["pswpin"] += 5000  # the workload faults its memory back
+    clock.advance(1.0)
+    a.tick()
+    a.receive_line(p.encode(p.Release(2, 3 * 512))[:-1])  # 6 MiB
+    assert asked == [chunk]  # the first chunk at once
+    assert a.tick() <= READ_STEP  # the agent wakes for the next one
+    assert asked == [chunk]  # not before its time
+    for _ in range(2):
+        clock.advance(READ_STEP)
+        a.tick()
+    assert asked == [chunk] * 3 and a.prefetched == 3 * chunk
+    files["/proc/meminfo"] = "MemFree: 2560 kB\n"  # 512 KiB above 2 x min_free_kbytes
+    clock.advance(READ_STEP)
+    a.tick()
+    assert asked[-1] == 512 << 10  # no more than the room
+    files["/proc/meminfo"] = "MemFree: 65536 kB\n"
+    a.receive_line(p.encode(p.Reserve(3, 512))[:-1])  # the host wants memory again
+    for _ in range(4):
+        clock.advance(READ_STEP)
+        a.tick()
+    assert len(asked) == 4
+    # a release larger than what is left in swap ends when nothing more is covered
+    vmstat["pswpin"] += 5000
+    clock.advance(1.0)
+    a.tick()
+    swapped["left"] = chunk // 2
+    a.receive_line(p.encode(p.Release(4, 4 * 512))[:-1])  # 8 MiB
+    for _ in range(4):
+        clock.advance(READ_STEP)
+        a.tick()
+    assert asked[4:] == [chunk, chunk]  # half a chunk covered, then nothing: done
+    assert a.prefetched == 3 * chunk + (512 << 10) + chunk // 2
 
 
 def _real_read(path: str) -> str:

@@ -46,3 +46,37 @@ def test_a_release_while_the_workload_faults_back_reads_the_swap_in_bulk() -> No
 def test_no_read_back_when_the_guest_is_not_paging_in() -> None:
     idle = run(prefetch=True, working_set=4 * MiB)  # the balloon took only cold pages
     assert idle[0] == 0 and idle[2] > 0  # they stay in the guest's swap
+
+
+def paced(rate: int, reinflate: bool = False) -> list[int]:
+    """Pages read back in each tick after releasing a 64 MiB balloon whose pages the busy
+    workload had to give up, with the agent paced at ``rate`` bytes/s (0: all at once); with
+    ``reinflate`` the host asks for 32 MiB again one tick after the release."""
+    guest = replace(SMALL_GUEST, prefetch=True, prefetch_rate=rate)
+    wl = workload(footprint=100 * MiB, working_set=100 * MiB, access_rate=20_000)
+    h = host(512 * MiB, [replace(vm("v", wl), guest=guest)])
+    h.step()
+    h.apply(SetBalloon("v", 64 * MiB))
+    for _ in range(5):
+        h.step()
+    v = h.vm("v")
+    h.apply(SetBalloon("v", 0))
+    per_tick = []  # a tick's stats include what an action just before it did
+    for k in range(5):
+        if reinflate and k == 1:
+            h.apply(SetBalloon("v", 32 * MiB))
+        h.step()
+        per_tick.append(v.last.guest_prefetched)
+    assert not h.check()
+    return per_tick
+
+
+def test_the_read_back_is_paced_and_a_new_inflation_stops_it() -> None:
+    at_once, slow = paced(0), paced(4 * MiB)
+    print(f"pages read back per tick: at once {at_once}, at 4 MiB/s {slow}")
+    step = 4 * MiB // 4096
+    assert at_once[0] > 2 * step and sum(at_once[1:]) < step // 4  # one tick does it all
+    assert all(n <= step for n in slow)  # never above the rate
+    assert slow[0] == step and slow[1] > step // 2  # the rest on the next ticks
+    stopped = paced(4 * MiB, reinflate=True)
+    assert stopped[0] == step and sum(stopped[1:]) == 0  # the host reserved again: it stops

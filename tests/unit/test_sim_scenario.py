@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from memvisor.agent.prefetch import READ_RATE
 from memvisor.errors import ConfigError, InputError
 from memvisor.sim import load_scenario, parse_scenario, simulate
 from memvisor.units import MiB
@@ -205,6 +206,12 @@ def test_guest_prefetch_key_is_read_and_checked(tmp_path: Path) -> None:
     p = trace_scenario(tmp_path, ["0.5,r,1,0"])
     p.write_text(p.read_text().replace('kernel = "8MiB"', 'kernel = "8MiB"\nprefetch = true'))
     assert all(v.guest.prefetch for v in load_scenario(p).vms)
+    assert all(v.guest.prefetch_rate == READ_RATE for v in load_scenario(p).vms)
+    p.write_text(p.read_text().replace("prefetch = true", 'prefetch = true\nprefetch_rate = "0"'))
+    assert all(v.guest.prefetch_rate == 0 for v in load_scenario(p).vms)
+    p.write_text(p.read_text().replace('prefetch_rate = "0"', 'prefetch_rate = "1000"'))
+    with pytest.raises(ConfigError, match="prefetch_rate"):
+        load_scenario(p)  # not a whole number of pages
     p.write_text(p.read_text().replace("prefetch = true", 'prefetch = "yes"'))
     with pytest.raises(ConfigError, match="prefetch"):
         load_scenario(p)

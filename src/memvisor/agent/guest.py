@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from memvisor.agent import protocol as p
-from memvisor.agent.prefetch import SWAPIN_RATE, Prefetcher
+from memvisor.agent.prefetch import READ_RATE, READ_STEP, SWAPIN_RATE, Prefetcher
 from memvisor.agent.reserve import Reservation, ScanResult
 from memvisor.agent.workload import WorkloadRunner, check_request
 
@@ -63,6 +63,9 @@ class Agent:
         self.swapin_rate = 0.0  # pages/s the guest read back from its swap, between scans
         self.prefetch: Callable[[int], int] = Prefetcher(clock)
         self.prefetched = 0  # bytes of swap covered by prefetch advice, in total
+        self.read_rate = READ_RATE  # bytes/s of read-back asked for, at most
+        self._read_back = 0  # bytes of released memory still to read back
+        self._next_read = 0.0  # when the next chunk of the read-back is due
 
     # --- connection lifecycle ---------------------------------------------------------------
 
@@ -118,6 +121,7 @@ class Agent:
         self._next_stats = self._next_scan = self.clock()
 
     def _reserve(self, msg: p.Reserve) -> None:
+        self._read_back = 0  # the host wants memory again: reading back would fight it
         try:
             pfns = self.reservation.reserve(msg.pages)
         except (ValueError, OSError) as exc:
@@ -136,11 +140,21 @@ class Agent:
         self._done(msg.id, msg.pages, released)
         if released and self.swapin_rate >= SWAPIN_RATE:
             # the guest is faulting its memory back one page at a time: read it back in bulk
-            # into what was just released, and no more than the guest has free above its
-            # reclaim watermark (more would only be swapped out again)
-            room = self._free_above_watermark()
-            if room > 0:
-                self.prefetched += self.prefetch(min(released * 4096, room))
+            # into what was just released, paced (READ_RATE: the swap disk is every VM's)
+            self._read_back += released * 4096
+            self._read_more(self.clock())
+
+    def _read_more(self, now: float) -> None:
+        """The next chunk of the read-back, when due: ``read_rate x READ_STEP`` bytes, and no
+        more than the guest has free above its reclaim watermark (more would only be swapped
+        out again). No room, or nothing left in swap to read, ends the read-back."""
+        if self._read_back <= 0 or now < self._next_read:
+            return
+        chunk = min(self._read_back, int(self.read_rate * READ_STEP), self._free_above_watermark())
+        covered = self.prefetch(chunk) if chunk > 0 else 0
+        self.prefetched += covered
+        self._read_back = 0 if covered <= 0 else self._read_back - chunk
+        self._next_read = now + READ_STEP
 
     def _free_above_watermark(self) -> int:
         """Free guest memory above twice ``min_free_kbytes`` (the kernel wakes its reclaim at
@@ -211,7 +225,11 @@ class Agent:
         if self.welcomed and now >= self._next_stats:
             self._next_stats = now + self.stats_interval
             self._send_stats(now)
-        return max(0.0, min(self._next_scan, self._next_stats) - self.clock())
+        self._read_more(now)
+        due = min(self._next_scan, self._next_stats)
+        if self._read_back > 0:
+            due = min(due, self._next_read)
+        return max(0.0, due - self.clock())
 
     def _scan(self, now: float) -> None:
         self._track_swapin(now)

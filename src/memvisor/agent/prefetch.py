@@ -7,6 +7,12 @@ released: ``process_madvise(pidfd, ranges, MADV_WILLNEED)`` starts swap-in reada
 swapped page in the given ranges and returns; the process does not wait for it, the device
 reads in bulk instead of one fault at a time.
 
+Paced: the agent asks for at most ``READ_RATE`` bytes per second, a chunk every
+``READ_STEP`` seconds, until the release is covered. The host's swap disk is shared by every
+VM: a guest that woke up and asked for its whole release at once (hundreds of MiB) filled the
+device's queue for seconds, and every other VM's page faults waited behind it (measured on the
+simulator: docs/policy.md, "Paced read-back").
+
 Which memory: the mappings with swapped pages (``Swap:`` in ``/proc/PID/smaps``) of every
 process but the agent itself (its reservation is what was just given back), largest first;
 inside each mapping exactly its swapped pages (``/proc/PID/pagemap``, bit 62), in address
@@ -26,6 +32,11 @@ from dataclasses import dataclass
 # a release prefetches while the guest pages in at least this fast (pages per second, 1 MiB/s):
 # its workload is faulting its memory back, not touching the odd page
 SWAPIN_RATE = 256
+# bytes per second the agent asks to read back, in chunks every READ_STEP seconds: an eighth
+# of the swap disk measured here (512 MiB/s, bench/results/qemu.md), so that a few guests
+# waking together leave most of it to the other VMs' faults
+READ_RATE = 64 << 20
+READ_STEP = 0.25
 MADV_WILLNEED = 3
 SYS_PROCESS_MADVISE = 440  # x86_64
 UIO_MAXIOV = 1024

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from memvisor.agent.prefetch import READ_RATE
 from memvisor.units import GiB, MiB
 
 
@@ -97,6 +98,9 @@ class GuestConfig:
     # (process_madvise MADV_WILLNEED) into the memory just released, instead of one fault at a
     # time (off: a plain balloon driver, as the baselines use)
     prefetch: bool = False
+    # bytes/s it reads back, as the agent paces it (agent.prefetch.READ_RATE); 0: all of a
+    # release at once, as the agent did until its pacing (kept for comparison)
+    prefetch_rate: int = READ_RATE
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,6 +180,12 @@ def balloon_step(host: SimHost, vm: VMRun) -> None:
         _inflate(host, vm, min(vm.balloon_target - held, vm.balloon_budget))
     elif held > vm.balloon_target:
         _deflate(host, vm, min(held - vm.balloon_target, vm.balloon_budget))
+    if vm.read_back > 0 and vm.read_back_budget > 0:
+        n = min(vm.read_back, vm.read_back_budget)
+        vm.read_back -= n
+        vm.read_back_budget -= n
+        if prefetch(host, vm, n) == 0:
+            vm.read_back = 0  # nothing left in swap, or no room: the release is done
 
 
 def _inflate(host: SimHost, vm: VMRun, k: int) -> None:
@@ -192,6 +198,7 @@ def _inflate(host: SimHost, vm: VMRun, k: int) -> None:
     pt.content[g] = 0
     pt.last_access[g] = host.tick
     vm.balloon_budget -= int(g.size)
+    vm.read_back = 0  # the host asks for memory again: the agent stops reading back
 
 
 def _deflate(host: SimHost, vm: VMRun, k: int) -> None:
@@ -209,8 +216,11 @@ def _deflate(host: SimHost, vm: VMRun, k: int) -> None:
     vm.balloon_budget -= k
     if (
         vm.cfg.guest.prefetch and vm.last.guest_swap_ins >= SWAPIN_RATE * host.dt
-    ):  # the agent's rule
-        prefetch(host, vm, k)
+    ):  # the agent's rule, paced (GuestConfig.prefetch_rate; 0: all at once)
+        if vm.cfg.guest.prefetch_rate:
+            vm.read_back += k
+        else:
+            prefetch(host, vm, k)
 
 
 def release(host: SimHost, vm: VMRun, keep: int) -> None:

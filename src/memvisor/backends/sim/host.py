@@ -477,6 +477,7 @@ class SimHost:
         vm.last, vm.stats = vm.stats, TickStats()
         vm.balloon_budget = int(self.cfg.balloon_rate * dt) // PAGE_SIZE
         vm.swap_budget = int(self.cfg.swap_out_rate * dt) // PAGE_SIZE
+        vm.read_back_budget = int(vm.cfg.guest.prefetch_rate * dt) // PAGE_SIZE
 
     def _access_all(self, draws: list[tuple[IntArray, BoolArray]]) -> None:
         """Every VM's touches of this tick at once: the hits (the common case) in a few

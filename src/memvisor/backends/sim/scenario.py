@@ -178,6 +178,7 @@ GUEST_FIELDS: dict[str, tuple[str, Convert]] = {
     "file_read_latency_us": ("file_read_latency", micros(1e6)),
     "kernel_access_rate": ("kernel_access_rate", number(0.0, 1e7)),
     "prefetch": ("prefetch", boolean),
+    "prefetch_rate": ("prefetch_rate", size),  # per second
 }
 PHASE_FIELDS: dict[str, tuple[str, Convert]] = {
     "duration": ("duration", number(1e-6, 1e9)),

@@ -69,6 +69,8 @@ class VMRun:
     guest_swap_used: int = 0  # pages in the guest's swap device
     resident_limit: int | None = None  # pages (SetSwapTarget), None: no limit
     balloon_budget: int = 0  # pages the reservation program may still move this tick
+    read_back: int = 0  # pages of a release the agent has still to read back (paced)
+    read_back_budget: int = 0  # pages the agent may still read back this tick
     swap_budget: int = 0  # pages the host may still swap out this tick
     access_carry: float = 0.0
     phase: int = -1  # index of the workload phase of the last tick (-1: before the first)
