@@ -120,10 +120,9 @@ def test_release_gives_back_paged_out_pages_first(agent) -> None:  # type: ignor
     assert a.reservation.held == 1024 and a.reservation.swapped == 0
 
 
-def test_a_release_prefetches_only_while_the_guest_pages_in(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A release while the guest reads its swap back at >= 1 MiB/s asks for the released
-    amount of swapped memory to be read back in bulk; a release in a quiet guest does not."""
-    a, _, wire, clock = agent
+def _fake_proc(a: Agent) -> tuple[dict[str, int], dict[str, str]]:
+    """Make the agent read the swap-in counter and the free-memory figures from two dicts the
+    test changes (the rest of /proc stays real); returns them."""
     vmstat = {"pswpin": 0}
     files = {"/proc/meminfo": "MemFree: 65536 kB\n", "/proc/sys/vm/min_free_kbytes": "1024\n"}
     a.read_file = lambda path: (
@@ -131,6 +130,14 @@ def test_a_release_prefetches_only_while_the_guest_pages_in(agent, tmp_path: Pat
         if path == "/proc/vmstat"
         else files.get(path) or _real_read(path)
     )
+    return vmstat, files
+
+
+def test_a_release_prefetches_only_while_the_guest_pages_in(agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A release while the guest reads its swap back at >= 1 MiB/s asks for the released
+    amount of swapped memory to be read back in bulk; a release in a quiet guest does not."""
+    a, _, wire, clock = agent
+    vmstat, files = _fake_proc(a)
     asked: list[int] = []
     a.prefetch = lambda limit: asked.append(limit) or limit
     a.receive_line(p.encode(p.Reserve(1, 4 * 512))[:-1])
@@ -166,13 +173,7 @@ def test_the_read_back_is_paced_and_stops_when_the_host_reserves_again(agent) ->
     chunk per step (tick() wakes the agent for it), never more than the guest has room for;
     the read-back ends when the swap has nothing left to read or the host reserves again."""
     a, _, wire, clock = agent
-    vmstat = {"pswpin": 0}
-    files = {"/proc/meminfo": "MemFree: 65536 kB\n", "/proc/sys/vm/min_free_kbytes": "1024\n"}
-    a.read_file = lambda path: (
-        f"pswpin {vmstat['pswpin']}\n"
-        if path == "/proc/vmstat"
-        else files.get(path) or _real_read(path)
-    )
+    vmstat, files = _fake_proc(a)
     asked: list[int] = []
     swapped = {"left": 10 << 20}  # what the guest has in swap to read
 

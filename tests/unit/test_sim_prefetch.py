@@ -8,25 +8,32 @@ from dataclasses import replace
 import numpy as np
 from simhelpers import SMALL_GUEST, host, vm, workload
 
+from memvisor.backends.sim.config import GuestConfig
 from memvisor.backends.sim.vm import L_GSWAPPED
 from memvisor.model import SetBalloon
+from memvisor.sim import SimHost
 from memvisor.units import MiB
 
 
-def run(prefetch: bool, working_set: int) -> tuple[int, int, int]:
-    """Balloon 64 MiB of a 128 MiB guest (its workload pages out), step, release; returns
-    (pages prefetched at the release, guest swap-ins in the ticks after, pages still swapped)."""
-    guest = replace(SMALL_GUEST, prefetch=prefetch)
+def released(guest: GuestConfig, working_set: int) -> SimHost:
+    """A 128 MiB guest whose workload (100 MiB touched) had 64 MiB ballooned for 5 ticks (it
+    paged out), just released: the host before the next tick."""
     wl = workload(footprint=100 * MiB, working_set=working_set, access_rate=20_000)
     h = host(512 * MiB, [replace(vm("v", wl), guest=guest)])
     h.step()
     h.apply(SetBalloon("v", 64 * MiB))
     for _ in range(5):
         h.step()
-    v = h.vm("v")
     h.apply(SetBalloon("v", 0))
-    prefetched = v.stats.guest_prefetched
-    swapins = 0
+    return h
+
+
+def run(prefetch: bool, working_set: int) -> tuple[int, int, int]:
+    """Release (above); returns (pages prefetched, guest swap-ins in the 3 ticks after, pages
+    still swapped). A tick's stats include what an action just before it did."""
+    h = released(replace(SMALL_GUEST, prefetch=prefetch), working_set)
+    v = h.vm("v")
+    prefetched = swapins = 0
     for _ in range(3):
         h.step()
         prefetched += v.last.guest_prefetched
@@ -49,19 +56,12 @@ def test_no_read_back_when_the_guest_is_not_paging_in() -> None:
 
 
 def paced(rate: int, reinflate: bool = False) -> list[int]:
-    """Pages read back in each tick after releasing a 64 MiB balloon whose pages the busy
-    workload had to give up, with the agent paced at ``rate`` bytes/s (0: all at once); with
+    """Pages read back in each tick after the release (above), the busy workload faulting its
+    pages back, with the agent paced at ``rate`` bytes/s (0: all at once); with
     ``reinflate`` the host asks for 32 MiB again one tick after the release."""
-    guest = replace(SMALL_GUEST, prefetch=True, prefetch_rate=rate)
-    wl = workload(footprint=100 * MiB, working_set=100 * MiB, access_rate=20_000)
-    h = host(512 * MiB, [replace(vm("v", wl), guest=guest)])
-    h.step()
-    h.apply(SetBalloon("v", 64 * MiB))
-    for _ in range(5):
-        h.step()
+    h = released(replace(SMALL_GUEST, prefetch=True, prefetch_rate=rate), 100 * MiB)
     v = h.vm("v")
-    h.apply(SetBalloon("v", 0))
-    per_tick = []  # a tick's stats include what an action just before it did
+    per_tick = []
     for k in range(5):
         if reinflate and k == 1:
             h.apply(SetBalloon("v", 32 * MiB))
