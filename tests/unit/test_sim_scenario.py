@@ -205,8 +205,8 @@ def test_scenario_pools_reach_the_scheduler() -> None:
 def test_guest_prefetch_key_is_read_and_checked(tmp_path: Path) -> None:
     p = trace_scenario(tmp_path, ["0.5,r,1,0"])
     p.write_text(p.read_text().replace('kernel = "8MiB"', 'kernel = "8MiB"\nprefetch = true'))
-    assert all(v.guest.prefetch for v in load_scenario(p).vms)
-    assert all(v.guest.prefetch_rate == READ_RATE for v in load_scenario(p).vms)
+    vms = load_scenario(p).vms
+    assert all(v.guest.prefetch and v.guest.prefetch_rate == READ_RATE for v in vms)
     p.write_text(p.read_text().replace("prefetch = true", 'prefetch = true\nprefetch_rate = "0"'))
     assert all(v.guest.prefetch_rate == 0 for v in load_scenario(p).vms)
     p.write_text(p.read_text().replace('prefetch_rate = "0"', 'prefetch_rate = "1000"'))
