@@ -105,3 +105,11 @@ def test_the_whole_run_window_adds_up_both_windows() -> None:
     )
     assert whole.worst_slowdown >= min(cold.worst_slowdown, steady.worst_slowdown)
     assert whole.peak_swapped_mib == max(cold.peak_swapped_mib, steady.peak_swapped_mib)
+
+
+def test_the_old_kernel_model_rows_reach_the_simulated_host() -> None:
+    kswapd = bp.run("pressure-150", "none", 12, 0, seed=1)[0]
+    direct = bp.run("pressure-150", "none", 12, 0, seed=1, settings={"background_reclaim": False})
+    assert direct[0].throughput != kswapd.throughput
+    with pytest.raises(ValueError, match="background_reclaim"):
+        bp.run("pressure-150", "none", 1, 0, settings={"background_reclaim": "no"})

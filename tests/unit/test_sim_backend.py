@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from simhelpers import host, vm, workload
 
@@ -219,3 +221,47 @@ def test_scheduler_never_asks_an_anonymous_vm_to_swap() -> None:
         assert h.check() == []
     assert refused == 0
     assert swapped_file > 0  # the host reached HARD/LOW and swapped: the rule was exercised
+
+
+def _reclaim_under_pressure(**kw: object) -> tuple[SimHost, int, float]:
+    """Two VMs whose working sets do not fit: every tick they fault pages back and the host
+    kernel must free frames. Returns the host, the pages the VMs reclaimed themselves (direct
+    reclaim) and their total stall over 10 ticks."""
+    wl = workload(footprint=96 * MiB, working_set=96 * MiB, access_rate=20_000)
+    h = host(160 * MiB, [vm("a", wl), vm("b", wl)], seed=2, **kw)
+    direct, stall = 0, 0.0
+    for _ in range(10):
+        h.step()
+        direct += sum(v.last.direct_reclaimed for v in h.vms)
+        stall += sum(v.last.stall for v in h.vms)
+    return h, direct, stall
+
+
+def test_host_kernel_reclaims_in_the_background_while_the_disk_has_room() -> None:
+    h, direct, stall = _reclaim_under_pressure()
+    assert h.background_reclaimed > 1000 and direct == 0
+    # its writes still take the disk's time
+    assert h.disk.pages_written >= h.background_reclaimed
+    old, old_direct, old_stall = _reclaim_under_pressure(background_reclaim=False)
+    assert old.background_reclaimed == 0 and old_direct > 1000
+    assert stall < old_stall  # nobody waits for kswapd's writes
+
+
+def test_faulting_vm_reclaims_itself_what_a_busy_disk_leaves_to_it() -> None:
+    # 8 MiB/s: the VMs' own swap-ins fill the disk's tick, kswapd gets little of it
+    h, direct, _ = _reclaim_under_pressure(disk_bandwidth=8 * MiB)
+    assert direct > 1000 and h.background_reclaimed > 0
+
+
+def test_scenario_background_reclaim_key_is_read_and_checked() -> None:
+    from memvisor.backends.sim.scenario import parse_scenario
+    from memvisor.errors import ConfigError
+
+    vms = {"a": {"memory": "256MiB"}}
+    data: dict[str, Any] = {"host": {"memory": "1GiB", "background_reclaim": False}, "vms": vms}
+    assert parse_scenario(data, "t.toml").host.background_reclaim is False
+    default = parse_scenario({"host": {"memory": "1GiB"}, "vms": vms}, "t.toml")
+    assert default.host.background_reclaim
+    data["host"]["background_reclaim"] = "no"
+    with pytest.raises(ConfigError, match=r"host\.background_reclaim"):
+        parse_scenario(data, "t.toml")

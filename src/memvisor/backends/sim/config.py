@@ -142,6 +142,10 @@ class SimHostConfig:
     swap_out_rate: int = 400 * MiB  # hypervisor swap-out bandwidth per VM, bytes/s
     swap_victims: str = "random"  # "random" (hypervisor cannot see guest use) or "lru"
     reclaim_headroom: float = 0.005  # host kernel reclaims this fraction beyond the need
+    # kswapd: the host kernel reclaims in the background, in the swap disk's spare time of the
+    # tick, and a faulting VM reclaims (and waits) itself only for what that cannot free;
+    # False: every reclaim is direct (the model until this option existed)
+    background_reclaim: bool = True
     ksm_run: int = 1
     ksm_pages_to_scan: int = 5000
     ksm_sleep_millisecs: int = 20

@@ -126,6 +126,7 @@ class SimHost:
         self.ksm_pages_to_scan = host.ksm_pages_to_scan
         self.ksm_sleep = host.ksm_sleep_millisecs
         self.disk = SwapDisk(host.disk_bandwidth)
+        self.background_reclaimed = 0  # pages the host kernel reclaimed in the background
         slots, universes, kernel_bases = self._content_layout(vms)
         self.pt = PageTable([v.memory // PAGE_SIZE for v in vms], host.memory // PAGE_SIZE, slots)
         logical = [(v.workload.footprint + v.workload.page_cache) // PAGE_SIZE for v in vms]
@@ -143,6 +144,7 @@ class SimHost:
             self._boot(vm)
             self._reset_tick(vm)
         self.disk.reset()  # boot happened "long ago": its writes are done
+        self.background_reclaimed = 0
 
     @classmethod
     def from_specs(
@@ -264,7 +266,10 @@ class SimHost:
             evicted += self._keep_within_limit(vm, incoming)
         if need > pt.free_frames():
             headroom = int(self.cfg.reclaim_headroom * pt.capacity)
-            evicted += self._host_reclaim(need - pt.free_frames() + headroom)
+            if self.cfg.background_reclaim:
+                self._kswapd(need - pt.free_frames() + headroom)
+            if need > pt.free_frames():
+                evicted += self._host_reclaim(need - pt.free_frames() + headroom)
         self._direct_reclaim_stall(vm, evicted)
         free = pt.free_frames()
         if need > free:
@@ -294,6 +299,17 @@ class SimHost:
         backlog = max(0.0, self.disk.carried - vm.stats.io_wait)
         vm.stats.io_wait = max(vm.stats.io_wait, self.disk.carried)
         return backlog + self.disk.read(pages, latency)
+
+    def _kswapd(self, frames: int) -> None:
+        """The host kernel's background reclaim: up to ``frames`` pages, as many as the swap
+        disk can still write this tick; no VM waits for it (Linux's kswapd, woken when free
+        memory falls below its low watermark)."""
+        k = min(frames, self.disk.room(self.dt))
+        if k <= 0:
+            return
+        done = self._host_reclaim(k)
+        self.disk.write(done)
+        self.background_reclaimed += done
 
     def _host_reclaim(self, frames: int) -> int:
         """The host kernel frees ``frames`` frames by swapping the least recently used pages

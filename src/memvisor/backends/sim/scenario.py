@@ -155,6 +155,7 @@ HOST_FIELDS: dict[str, tuple[str, Convert]] = {
     "reclaim_us": ("reclaim_cost", micros(1e6)),
     "swap_victims": ("swap_victims", one_of("random", "lru")),
     "reclaim_headroom": ("reclaim_headroom", number(0.0, 0.5)),
+    "background_reclaim": ("background_reclaim", boolean),
     "max_accesses_per_tick": ("max_accesses_per_tick", integer(1, 10_000_000)),
 }
 KSM_FIELDS: dict[str, tuple[str, Convert]] = {
