@@ -9,22 +9,10 @@ started with (a machine where they cannot be read or written is left alone).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-KSM = Path("/sys/kernel/mm/ksm")
-KNOBS = ("pages_to_scan", "sleep_millisecs", "smart_scan", "use_zero_pages", "run")  # run last
-
-
-def read_knobs() -> dict[str, str]:
-    out = {}
-    for name in KNOBS:
-        try:
-            out[name] = (KSM / name).read_text().strip()
-        except OSError:
-            continue
-    return out
+from ksmknobs import KNOBS, KSM, read_knobs
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,7 +8,6 @@ never from QEMU's RSS.
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import resource
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ksmknobs import ksm_knobs
 from memvisor.agent.backing import AnonKsmBacking, FileBacking, RamLayout
 from memvisor.agent.host import (
     AgentSession,
@@ -333,23 +333,6 @@ def test_a_hostile_agent_does_no_harm_and_is_reported(agent_vm: AgentVM) -> None
     assert actual <= MEMORY - 60 * MiB  # virtio-balloon took over the reservation
 
 
-KSM = Path("/sys/kernel/mm/ksm")
-
-
-@contextlib.contextmanager
-def ksm_scanning() -> Iterator[None]:
-    """KSM on at a brisk rate for the test; the previous settings are put back after."""
-    names = ("run", "pages_to_scan", "sleep_millisecs")
-    saved = {n: (KSM / n).read_text().strip() for n in names}
-    try:
-        for name, value in (("pages_to_scan", "5000"), ("sleep_millisecs", "10"), ("run", "1")):
-            (KSM / name).write_text(value)
-        yield
-    finally:
-        for name in ("pages_to_scan", "sleep_millisecs", "run"):
-            (KSM / name).write_text(saved[name])
-
-
 @pytest.mark.timeout(400)
 def test_anon_backing_reservation_is_reclaimed_by_ksm(
     vm_factory: Callable[..., VMProcess],
@@ -369,7 +352,10 @@ def test_anon_backing_reservation_is_reclaimed_by_ksm(
     whole_ram = [(r.first_pfn, r.pages) for r in layout.regions]
     try:
         a.wait(lambda: session.state is AgentState.READY and session.synced, 120, "hello")
-        with GuestShell(vm.paths.shell) as sh, ksm_scanning():
+        with (
+            GuestShell(vm.paths.shell) as sh,
+            ksm_knobs(pages_to_scan=5000, sleep_millisecs=10, run=1),
+        ):
             # Fill most free guest memory with data KSM cannot merge, then free it: the
             # reservation's frames then hold garbage until the agent zero-fills them.
             prog = "import os; b = os.urandom(300 << 20)"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ksmknobs import ksm_knobs
 from memvisor.backends.base import HostBackend
 from memvisor.backends.qemu import hostmem
 from memvisor.backends.qemu.host import QemuHost
@@ -196,49 +197,40 @@ def ksm_fraction(pid: int, hva: int, gpa_ranges: list[tuple[int, int]]) -> float
 def test_ksm_merges_identical_pages_of_two_anonymous_vms(host: QemuHost) -> None:
     """Judged on the buffers' own pages, not on a before/after difference: KSM may already run
     on this host, and the guests' free pages it merged are what the buffers get written into."""
-    saved = hostmem.ksm_stats()
     vms = [host.running(n) for n in ("anon1", "anon2")]
     # Kernel >= 6.7 "smart scan" skips pages whose earlier merge attempts failed (our guests'
     # pages before the buffers were written): scan every page every pass while we measure.
-    smart = Path("/sys/kernel/mm/ksm/smart_scan")
-    smart_saved = smart.read_text().strip() if smart.exists() else None
-    if smart_saved is not None:
-        smart.write_text("0")
-    try:
+    with ksm_knobs(smart_scan=0):
         ranges = [start_membuf(host, n, 64, seed=42)["ranges"] for n in ("anon1", "anon2")]
         buffers = [[(int(a), int(n)) for a, n in r] for r in ranges]  # type: ignore[union-attr]
-        host.apply(SetKsm(run=1, pages_to_scan=5000, sleep_millisecs=10))
-        deadline = time.monotonic() + 180  # ksmd shares a loaded host with other VMs
-        fractions, last_gain = [0.0, 0.0], time.monotonic()
-        while time.monotonic() < deadline:
-            now = [ksm_fraction(v.process.pid, host.ram_hva(v), b)
-                   for v, b in zip(vms, buffers, strict=True)]  # fmt: skip
-            if min(now) > min(fractions) + 0.01:
-                last_gain = time.monotonic()
-            fractions = now
-            # some host THPs may stay unsplit; stop once merging has settled
-            if min(now) >= 0.9 or (min(now) >= 0.15 and time.monotonic() - last_gain > 30):
-                break
-            time.sleep(2)
-        merged = min(fractions)
-        # Random pages identical only across the two VMs: any KSM page in a buffer is a merge
-        # of the two. A full run once settled at 0.18 in both VMs (host THPs left unsplit, we
-        # think), quiet runs merge >= 0.9; the metric checks below scale with what merged.
-        assert merged >= 0.15, f"buffer pages merged by KSM: {fractions}"
-        for v in vms:
-            # the sharing metric over the whole guest RAM sees at least the merged buffer
-            stats = sample_guest_ram(v.process.pid, host.ram_hva(v), v.spec.memory,
-                                     samples=4000, seed=1)  # fmt: skip
-            buffer_share = merged * 64 * MiB / (stats.resident_pages * PAGE_SIZE)
-            assert stats.ksm_fraction >= 0.8 * buffer_share, stats
-            assert stats.shared_fraction >= 0.8 * buffer_share, stats
-            assert stats.expected_freed_per_page < 1 - 0.4 * buffer_share, stats
-        obs = host.observe_vm("anon2")
-        assert obs.sharing is not None and obs.shared >= 0.8 * merged * 64 * MiB
-    finally:
-        host.apply(SetKsm(saved.run, saved.pages_to_scan, saved.sleep_millisecs))
-        if smart_saved is not None:
-            smart.write_text(smart_saved)
+        with ksm_set(host, 1, 5000, 10):
+            deadline = time.monotonic() + 180  # ksmd shares a loaded host with other VMs
+            fractions, last_gain = [0.0, 0.0], time.monotonic()
+            while time.monotonic() < deadline:
+                now = [ksm_fraction(v.process.pid, host.ram_hva(v), b)
+                       for v, b in zip(vms, buffers, strict=True)]  # fmt: skip
+                if min(now) > min(fractions) + 0.01:
+                    last_gain = time.monotonic()
+                fractions = now
+                # some host THPs may stay unsplit; stop once merging has settled
+                if min(now) >= 0.9 or (min(now) >= 0.15 and time.monotonic() - last_gain > 30):
+                    break
+                time.sleep(2)
+            merged = min(fractions)
+            # Random pages identical only across the two VMs: any KSM page in a buffer is a merge
+            # of the two. A full run once settled at 0.18 in both VMs (host THPs left unsplit, we
+            # think), quiet runs merge >= 0.9; the metric checks below scale with what merged.
+            assert merged >= 0.15, f"buffer pages merged by KSM: {fractions}"
+            for v in vms:
+                # the sharing metric over the whole guest RAM sees at least the merged buffer
+                stats = sample_guest_ram(v.process.pid, host.ram_hva(v), v.spec.memory,
+                                         samples=4000, seed=1)  # fmt: skip
+                buffer_share = merged * 64 * MiB / (stats.resident_pages * PAGE_SIZE)
+                assert stats.ksm_fraction >= 0.8 * buffer_share, stats
+                assert stats.shared_fraction >= 0.8 * buffer_share, stats
+                assert stats.expected_freed_per_page < 1 - 0.4 * buffer_share, stats
+            obs = host.observe_vm("anon2")
+            assert obs.sharing is not None and obs.shared >= 0.8 * merged * 64 * MiB
 
 
 HOG = "python3 -S -c \"b = b'x' * (48 << 20); print('hog ok', len(b) >> 20)\""

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ksmknobs import ksm_knobs
 from memvisor.cli import main
 from memvisor.errors import InputError, NotFoundError
 from memvisor.sharing import (
@@ -308,15 +309,8 @@ def fast_ksm() -> Iterator[None]:
     """KSM on and fast for the test; every knob touched is restored afterwards."""
     if not (KSM_DIR / "run").exists():
         pytest.skip("host kernel without KSM (/sys/kernel/mm/ksm missing)")
-    saved = {k: (KSM_DIR / k).read_text().strip() for k in KSM_KNOBS}
-    try:
-        (KSM_DIR / "pages_to_scan").write_text("5000")
-        (KSM_DIR / "sleep_millisecs").write_text("10")
-        (KSM_DIR / "run").write_text("1")
+    with ksm_knobs(pages_to_scan=5000, sleep_millisecs=10, run=1):
         yield
-    finally:
-        for knob in ("run", "pages_to_scan", "sleep_millisecs"):
-            (KSM_DIR / knob).write_text(saved[knob])
 
 
 @pytest.mark.timeout(120)
