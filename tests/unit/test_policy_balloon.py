@@ -63,13 +63,13 @@ def test_backs_off_and_holds_when_guest_pages_out_reserved_pages() -> None:
     c = BalloonController(BIG)
     spec, obs = vm("a", balloon=400 * MiB, reserved_rate=100.0)
     step = c.step(obs, spec, 600 * MiB, 0.0)
-    # multiplicative decrease: half the balloon goes back
-    assert step.target == 200 * MiB and step.limited and "reserved pages" in step.note
+    # multiplicative decrease: three quarters of the balloon go back (backoff 0.75)
+    assert step.target == 100 * MiB and step.limited and "reserved pages" in step.note
     calm = dataclasses.replace(obs, reserved_paged_out_rate=0.0, balloon_target=step.target)
     held = c.step(calm, spec, 600 * MiB, 10.0)
-    assert held.target == 200 * MiB and held.limited and "holding" in held.note
+    assert held.target == 100 * MiB and held.limited and "holding" in held.note
     later = c.step(calm, spec, 600 * MiB, 16.0)
-    assert later.target > 200 * MiB
+    assert later.target > 100 * MiB
 
 
 def test_back_off_gives_back_at_least_twice_what_the_guest_pages() -> None:

@@ -51,7 +51,10 @@ class BalloonSettings:
     guest_free_floor_min: int = 1 * MiB
     reserved_pageout_limit: float = 32.0  # reserved pages paged out by the guest, pages/s
     guest_paging_limit: float = 1024.0  # guest swap-out beyond what inflation explains, pages/s
-    backoff: float = 0.5  # fraction of the balloon released when a limit is exceeded
+    # fraction of the balloon released when a limit is exceeded: a guest that pages while
+    # its balloon is held is usually a ballooned VM waking up (0.5 until 2026-11-28;
+    # docs/policy.md, results: 0.75 wins pressure-150 in seeds 1-9 where 0.5 won 4 of 6)
+    backoff: float = 0.75
     hold: float = 15.0  # seconds without inflating after a back-off
     nominal_tick: float = 1.0  # seconds assumed before the second observation
     working_set_headroom: int = 16 * MiB  # kept free beside the active memory and the floor
