@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ksmknobs import ksm_knobs
+from ksmknobs import KSM, ksm_knobs
 from memvisor.cli import main
 from memvisor.errors import InputError, NotFoundError
 from memvisor.sharing import (
@@ -47,7 +47,6 @@ from memvisor.units import PAGE_SIZE
 if not os.access("/proc/kpagecount", os.R_OK):
     pytest.skip("needs root: /proc/kpagecount unreadable", allow_module_level=True)
 
-KSM_DIR = Path("/sys/kernel/mm/ksm")
 
 # A helper process: maps `mib` MiB of anonymous memory (4 KiB pages; transparent huge pages in
 # mode "thp"), shapes its sharing per `mode`, prints {"addr", "size", "children"} and waits
@@ -307,7 +306,7 @@ KSM_KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
 @pytest.fixture
 def fast_ksm() -> Iterator[None]:
     """KSM on and fast for the test; every knob touched is restored afterwards."""
-    if not (KSM_DIR / "run").exists():
+    if not (KSM / "run").exists():
         pytest.skip("host kernel without KSM (/sys/kernel/mm/ksm missing)")
     with ksm_knobs(pages_to_scan=5000, sleep_millisecs=10, run=1):
         yield
@@ -324,7 +323,7 @@ def test_ksm_merged_identical_pages(spawn: Callable[..., Helper], fast_ksm: None
         if sa.ksm_fraction == sb.ksm_fraction == 1.0 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    knobs = {k: (KSM_DIR / k).read_text().strip() for k in (*KSM_KNOBS, "full_scans")}
+    knobs = {k: (KSM / k).read_text().strip() for k in (*KSM_KNOBS, "full_scans")}
     assert sa.ksm_fraction == sb.ksm_fraction == 1.0, (
         f"KSM merged {sa.ksm_fraction:.1%} and {sb.ksm_fraction:.1%} of the pages within 90 s; "
         f"KSM now {knobs} (did another process change /sys/kernel/mm/ksm meanwhile?)"
