@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from guestfill import FILL_MARGIN, fill_guest
 from memvisor.backends.base import HostBackend
 from memvisor.backends.sim import guest
 from memvisor.backends.sim.config import Phase, Workload
@@ -36,7 +37,6 @@ SPECS = (
     VMSpec(ANON_VM, 256 * MiB, reservation=128 * MiB, backing=Backing.ANON),
 )
 SIM_CAPACITY = 1024 * MiB  # room for both: the contract is about actions, not host pressure
-FILL_MARGIN = 24 * MiB  # free guest memory left untouched by fill(), so the guest stays healthy
 
 
 @dataclass
@@ -103,27 +103,15 @@ def sim_fill(host: SimHost, name: str) -> None:
 
 # --- real QEMU guests ---------------------------------------------------------------------------
 
-# Allocates and writes all of the guest's free memory but the margin, then exits (freeing it):
-# the guest's free pages are then backed on the host, as on any guest that has been running.
-# Every page differs (its offset in its first bytes), so KSM, if it runs, merges none of them.
-FILL_PROGRAM = (
-    "import re; t = open('/proc/meminfo').read(); "
-    "free = int(re.search(r'MemFree: +(\\d+)', t).group(1)) * 1024; "
-    f"n = max(0, free - {FILL_MARGIN}); b = bytearray(b'\\xa5') * n; "
-    "exec('for i in range(0, n, 4096): b[i:i + 8] = i.to_bytes(8, \\'little\\')'); print(n)"
-)
-
 
 def qemu_harness(state_dir: Path, image: Any) -> Iterator[Harness]:
     """Both VMs as real TCG guests of a :class:`QemuHost` (its own launcher), powered off after."""
     from memvisor.backends.qemu.host import QemuHost
-    from memvisor.backends.qemu.launcher import GuestShell
 
     host = QemuHost(state_dir, image=image, accel="tcg")
 
     def fill(name: str) -> None:
-        with GuestShell(host.running(name).process.paths.shell) as sh:
-            sh.run(f'python3 -S -c "{FILL_PROGRAM}"', check=True, timeout=180)
+        fill_guest(host.running(name).process.paths.shell)
 
     try:
         for spec in SPECS:

@@ -301,10 +301,18 @@ def test_swap_target_reports_what_it_freed(backend: Harness) -> None:
 def test_swap_target_is_a_standing_limit(backend: Harness, request: pytest.FixtureRequest) -> None:
     """``SetSwapTarget`` keeps at most the limit resident (model.py: "Keep at most ..."), also
     when the guest touches its memory afterwards, as the scheduler assumes (it re-sends a limit
-    only when the limit changes)."""
+    only when the limit changes).
+
+    The limit is one the guest's working set fits in. An idle guest of the e2e image touches
+    pages in ~80 of its 128 2 MiB chunks every second (its allocator cycles through free
+    memory; docs/backends.md), and the host page cache brings each touched chunk back whole: a
+    limit below that holds on QEMU only at the instant of each tick, a race this suite has lost
+    (96 MiB measured 126 MiB once). Above it, the QEMU backend learns which chunks come back
+    and the limit stands between ticks too (tests/e2e/test_qemu_swap_limit.py)."""
     known_deviation(request, backend, "standing-swap-limit")
-    limit = 96 * MiB
+    limit = 192 * MiB
     backend.fill(FILE_VM)
+    assert backend.vm(FILE_VM).consumed >= limit + 16 * MiB  # there is something to swap out
     try:
         result = backend.backend.apply(SetSwapTarget(FILE_VM, limit))
         assert result.ok, result.message

@@ -66,3 +66,33 @@ def test_page_out_frees_the_page_cache_and_keeps_the_data(tmp_path: Path) -> Non
         m.close()
     finally:
         os.close(fd)
+
+
+def test_choose_chunks_takes_hot_chunks_last() -> None:
+    resident = np.ones(8 * MiB // PAGE_SIZE, dtype=bool)  # four chunks, all resident
+    hot = np.array([False, False, True, True])  # the top two came back after an eviction
+    assert swapout.choose_chunks(resident, 2 * MiB, hot=hot) == [(2 * MiB, 2 * MiB)]
+    # cold ones first (top-down), then hot ones (top-down) once the cold ones are not enough
+    assert swapout.choose_chunks(resident, 6 * MiB, hot=hot) == [(0, 4 * MiB), (6 * MiB, 2 * MiB)]
+    with pytest.raises(InputError, match="3 entries for 4 chunks"):
+        swapout.choose_chunks(resident, 2 * MiB, hot=hot[:3])
+
+
+def test_refault_tracker_marks_chunks_that_came_back_hot_for_a_while() -> None:
+    tracker = swapout.RefaultTracker(4, protect=60.0)
+    resident = np.ones(8 * MiB // PAGE_SIZE, dtype=bool)
+    assert tracker.update(resident, 0.0) == 0  # nothing evicted yet: nothing came back
+    tracker.evicted([(4 * MiB, 4 * MiB)])  # chunks 2 and 3
+    resident[4 * MiB // PAGE_SIZE :] = False
+    resident[6 * MiB // PAGE_SIZE] = True  # one page of chunk 3 faulted back
+    assert tracker.update(resident, 10.0) == 1
+    assert tracker.hot(10.0).tolist() == [False, False, False, True]
+    assert tracker.update(resident, 11.0) == 0  # seen back once, counted once
+    assert tracker.came_back == 1
+    assert tracker.hot(69.9).tolist() == [False, False, False, True]
+    assert not tracker.hot(70.0).any()  # protection over: tried again like any other chunk
+    resident[4 * MiB // PAGE_SIZE] = True  # chunk 2, evicted and still out, comes back later
+    assert tracker.update(resident, 80.0) == 1
+    assert tracker.hot(80.0).tolist() == [False, False, True, False]
+    with pytest.raises(InputError, match="3 chunks, tracker 4"):
+        tracker.update(resident[: 6 * MiB // PAGE_SIZE], 81.0)

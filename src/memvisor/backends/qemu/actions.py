@@ -166,6 +166,8 @@ def set_swap_target(
     host.record_swap_limit(vm, standing)  # held at every observation (QemuHost)
     if resident is None:
         resident = hostmem.file_resident_pages(vm.process.paths.memory)
+    tracker = refault_tracker(vm, resident)
+    back = tracker.update(resident, host.clock.now())
     before = int(resident.sum()) * PAGE_SIZE
     if before <= floor:
         return ActionResult(
@@ -175,16 +177,21 @@ def set_swap_target(
                 f"{spec.name}: {format_size(before)} resident, already within {format_size(floor)}"
             ),
         )
-    chunks = swapout.choose_chunks(resident, before - floor, cap=before - spec.reservation)
+    chunks = swapout.choose_chunks(
+        resident, before - floor, cap=before - spec.reservation, hot=tracker.hot(host.clock.now())
+    )
     result, resident = _evict(host, vm, action, chunks, resident)
     notes = [result.message]
+    if back:
+        notes.insert(0, f"{format_size(back * swapout.CHUNK)} came back since the last eviction")
     for _ in range(swapout.LIMIT_ROUNDS - 1):
         # the running guest may fault pages of the evicted chunks straight back (hot pages):
         # evict again from what is resident now, so the limit holds when this returns
         now = int(resident.sum()) * PAGE_SIZE
         if now <= floor + swapout.LIMIT_SLACK:
             break
-        chunks = swapout.choose_chunks(resident, now - floor, cap=now - spec.reservation)
+        hot = tracker.hot(host.clock.now())
+        chunks = swapout.choose_chunks(resident, now - floor, cap=now - spec.reservation, hot=hot)
         if not chunks:
             break
         again, resident = _evict(host, vm, action, chunks, resident)
@@ -229,7 +236,10 @@ def _evict(
     finally:
         os.close(fd)
     seconds = time.perf_counter() - start
+    tracker = refault_tracker(vm, resident)
+    tracker.evicted(chunks)
     after_map = hostmem.file_resident_pages(path)
+    tracker.update(after_map, host.clock.now())  # chunks faulted back at once are hot
     after = int(after_map.sum()) * PAGE_SIZE
     freed = max(0, before - after)
     # Why the net drop can be less than the chunks: pages in the (2 MiB-widened) chunks that
@@ -251,6 +261,14 @@ def _evict(
         ),
     )
     return result, after_map
+
+
+def refault_tracker(vm: RunningVM, resident: npt.NDArray[np.bool_]) -> swapout.RefaultTracker:
+    """The VM's :class:`swapout.RefaultTracker` (made on first use, sized by its file)."""
+    nchunks = len(swapout.chunk_resident(resident))
+    if vm.refaults is None or len(vm.refaults.out) != nchunks:
+        vm.refaults = swapout.RefaultTracker(nchunks)
+    return vm.refaults
 
 
 def _resident_in(resident: npt.NDArray[np.bool_], chunks: list[tuple[int, int]]) -> int:

@@ -74,6 +74,7 @@ class RunningVM:
     agent: VMAgent | None = None
     sharing_ctx: Context | None = None  # memvisor.sharing sampling context, kept per VM
     sharing_hva: int | None = None  # the RAM address it was opened for
+    refaults: swapout.RefaultTracker | None = None  # chunks the guest faulted back (swap-out)
 
     @property
     def spec(self) -> VMSpec:

@@ -38,6 +38,9 @@ LIMIT_SLACK = 4 * MiB
 # rounds of write-back and eviction one SetSwapTarget makes while the running guest faults
 # pages of the evicted chunks straight back (its hot pages)
 LIMIT_ROUNDS = 3
+# a chunk the guest faulted back after memvisor evicted it is evicted last for this long
+# (RefaultTracker); after it, it is tried again like any other
+HOT_PROTECT = 60.0
 PC_LOW_RAM = 0xE000_0000  # pc (i440fx): RAM up to 3.5 GiB below the PCI hole
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -84,26 +87,44 @@ def pc_file_spans(gpa: int, length: int, memory: int) -> list[tuple[int, int]]:
     return spans
 
 
+def chunk_resident(resident: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+    """Resident pages per 2 MiB chunk of a file's residency map (the last chunk may be short)."""
+    npages = len(resident)
+    nchunks = -(-npages // CHUNK_PAGES)
+    padded = np.zeros(nchunks * CHUNK_PAGES, dtype=bool)
+    padded[:npages] = resident
+    counts: npt.NDArray[np.int64] = padded.reshape(nchunks, CHUNK_PAGES).sum(axis=1, dtype=np.int64)
+    return counts
+
+
 def choose_chunks(
-    resident: npt.NDArray[np.bool_], nbytes: int, *, cap: int | None = None
+    resident: npt.NDArray[np.bool_],
+    nbytes: int,
+    *,
+    cap: int | None = None,
+    hot: npt.NDArray[np.bool_] | None = None,
 ) -> list[tuple[int, int]]:
     """2 MiB chunks of the file, from the top of guest RAM down, whose resident pages add up to
     at least ``nbytes`` (fewer if the next chunk would take more than ``cap``, e.g. go below the
     reservation). Top-down because the guest's page allocator hands out high memory first,
-    while low memory holds the kernel image and its early, hot allocations."""
+    while low memory holds the kernel image and its early, hot allocations. ``hot`` (one flag
+    per chunk, :class:`RefaultTracker`): chunks the guest faulted back after their last
+    eviction; they are taken only once every other chunk is."""
     limit = npages_bytes = len(resident) * PAGE_SIZE
     if cap is not None:
         limit = max(cap, 0)
     if nbytes <= 0 or npages_bytes == 0:
         return []
-    npages = len(resident)
-    nchunks = -(-npages // CHUNK_PAGES)
-    padded = np.zeros(nchunks * CHUNK_PAGES, dtype=bool)
-    padded[:npages] = resident
-    per_chunk = padded.reshape(nchunks, CHUNK_PAGES).sum(axis=1) * PAGE_SIZE
+    per_chunk = chunk_resident(resident) * PAGE_SIZE
+    nchunks = len(per_chunk)
+    if hot is not None and len(hot) != nchunks:
+        raise InputError(f"hot chunk map has {len(hot)} entries for {nchunks} chunks")
+    order = list(range(nchunks - 1, -1, -1))
+    if hot is not None:
+        order = [i for i in order if not hot[i]] + [i for i in order if hot[i]]
     chosen: list[tuple[int, int]] = []
     total = 0
-    for idx in range(nchunks - 1, -1, -1):
+    for idx in order:
         size = int(per_chunk[idx])
         if size == 0 or total + size > limit:
             continue
@@ -111,7 +132,48 @@ def choose_chunks(
         total += size
         if total >= nbytes:
             break
-    return align_ranges(chosen, npages * PAGE_SIZE)
+    return align_ranges(chosen, npages_bytes)
+
+
+class RefaultTracker:
+    """Which 2 MiB chunks of one VM's file the guest faulted back after memvisor evicted them.
+
+    Host swap has no access bits to read here (no page_idle on this kernel, and the page cache
+    folds a guest's 4 KiB touch into a 2 MiB folio), so the one signal of a hot chunk is that
+    it came back. Measured on an idle 256 MiB guest held at 192 MiB: evicting top-down, the same
+    13 chunks (26 MiB) came back within a second of every hold, tick after tick; evicting those
+    last, the hold chose cold chunks once and the limit then stood with nothing more to evict
+    (docs/backends.md). A chunk stays hot for ``protect`` seconds after it was last seen back,
+    then is tried again (the guest's working set moves)."""
+
+    def __init__(self, nchunks: int, protect: float = HOT_PROTECT) -> None:
+        if nchunks < 0 or protect < 0:
+            raise InputError(f"refault tracker: {nchunks} chunks, protect {protect} s")
+        self.protect = protect
+        self.out = np.zeros(nchunks, dtype=bool)  # evicted by memvisor, not seen back since
+        self.back_at = np.full(nchunks, -np.inf)  # when each was last seen back
+        self.came_back = 0  # chunks seen back, in all
+
+    def evicted(self, chunks: Sequence[tuple[int, int]]) -> None:
+        """Mark the 2 MiB-aligned (offset, length) ranges as evicted."""
+        for off, length in chunks:
+            self.out[off // CHUNK : -(-(off + length) // CHUNK)] = True
+
+    def update(self, resident: npt.NDArray[np.bool_], now: float) -> int:
+        """Note which evicted chunks are resident again; returns how many came back."""
+        per = chunk_resident(resident)
+        if len(per) != len(self.out):
+            raise InputError(f"residency map has {len(per)} chunks, tracker {len(self.out)}")
+        back = self.out & (per > 0)
+        self.back_at[back] = now
+        self.out &= ~back
+        n = int(back.sum())
+        self.came_back += n
+        return n
+
+    def hot(self, now: float) -> npt.NDArray[np.bool_]:
+        """Chunks seen back within the last ``protect`` seconds."""
+        return np.asarray(now - self.back_at < self.protect)
 
 
 def sync_range(fd: int, offset: int, length: int) -> None:
