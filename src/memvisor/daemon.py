@@ -339,6 +339,7 @@ class Daemon:
             host.backend, self.policy, self.store, RealClock(), interval=self.interval,
             retention=self.retention,
             specs_overlay=lambda specs: self._live_specs(pools, specs),
+            events=getattr(host, "drain_events", None),
         )  # fmt: skip
         loop.lock = self.loop_lock
         app = create_app(self.store, PoolController(self.state_dir, self), self.token)

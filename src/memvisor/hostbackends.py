@@ -216,7 +216,11 @@ class QemuManagedHost:
 
         self.qemu = QemuHost(options.state_dir, accel=options.accel)
         self.backend: HostBackend = Budgeted(self.qemu, capacity)
-        self.events: list[str] = list(self.qemu.events)
+        self.events: list[str] = self.qemu.drain_events()  # what re-attaching found
+
+    def drain_events(self) -> list[str]:
+        """What the QEMU backend met since the last call (the daemon records it each tick)."""
+        return self.qemu.drain_events()
 
     def start(self, specs: Sequence[VMSpec]) -> list[str]:
         running = {r.spec.name for r in self.qemu.records() if r.power is PowerState.ON}

@@ -91,6 +91,7 @@ class ControlLoop:
         retention: Retention | None = None,
         specs_overlay: SpecsOverlay | None = None,
         prune_every: int = 60,
+        events: Callable[[], list[str]] | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError(f"loop interval must be positive, got {interval}")
@@ -99,6 +100,7 @@ class ControlLoop:
         self.retention = retention or Retention()
         self.specs_overlay = specs_overlay
         self.prune_every = prune_every
+        self.events = events  # what the backend met since the last tick, recorded each tick
         self.lock = threading.RLock()  # held during a tick; changes from the API take it too
         self.ticks = 0
         self.last_tick_seconds = 0.0
@@ -129,6 +131,8 @@ class ControlLoop:
         except Exception as exc:  # isolation: a failed observation skips this tick only
             return self._skip("observe", exc)
         self._record_power_changes(snapshot.vms)
+        if self.events is not None:
+            self._guard("backend events", lambda: self._record_events(snapshot))
         estimator = self._estimator
         if self._history_pending:
             self._history_pending = False
@@ -155,6 +159,13 @@ class ControlLoop:
         host = self.backend.observe_host()
         vms = self.backend.observe_vms()
         return Snapshot(host=host, specs=tuple(specs), vms=tuple(vms))
+
+    def _record_events(self, snapshot: Snapshot) -> None:
+        assert self.events is not None
+        names = {v.name for v in snapshot.vms}
+        for message in self.events():
+            vm = message.split(":", 1)[0]
+            self.store.record_event("backend.event", message, vm=vm if vm in names else None)
 
     def _policy_extras(self, snapshot: Snapshot) -> tuple[str | None, dict[str, VMExtras]]:
         """The host state and entitlements the policy worked with in its last plan.

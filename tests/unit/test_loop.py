@@ -93,6 +93,28 @@ def test_lifecycle_events(fake: FakeHost, store: Store) -> None:
     assert ("vm.gone", "b: no longer reported") in msgs
 
 
+def test_backend_events_are_recorded_each_tick(fake: FakeHost, store: Store) -> None:
+    pending = ["a: 64 MiB came back from its swap file since the last tick", "orphan cgroup x"]
+
+    def drain() -> list[str]:
+        out = pending[:]
+        pending.clear()
+        return out
+
+    loop = ControlLoop(fake, StepBalloonPolicy(), store, fake.clock, events=drain)
+    loop.tick()
+    pending.append("b: no guest agent")
+    loop.tick()
+    got = [
+        (e["kind"], e["vm"], e["message"]) for e in store.events() if e["kind"] == "backend.event"
+    ]
+    assert got == [
+        ("backend.event", "a", "a: 64 MiB came back from its swap file since the last tick"),
+        ("backend.event", None, "orphan cgroup x"),  # names no VM the tick saw
+        ("backend.event", "b", "b: no guest agent"),
+    ]
+
+
 def test_reservation_overlay_reaches_policy_and_record(fake: FakeHost, store: Store) -> None:
     live = {"a": 300 * MiB}
     loop = ControlLoop(

@@ -85,14 +85,15 @@ def test_refault_tracker_marks_chunks_that_came_back_hot_for_a_while() -> None:
     tracker.evicted([(4 * MiB, 4 * MiB)])  # chunks 2 and 3
     resident[4 * MiB // PAGE_SIZE :] = False
     resident[6 * MiB // PAGE_SIZE] = True  # one page of chunk 3 faulted back
-    assert tracker.update(resident, 10.0) == 1
+    assert tracker.update(resident, 10.0) == 1  # its resident pages
     assert tracker.hot(10.0).tolist() == [False, False, False, True]
     assert tracker.update(resident, 11.0) == 0  # seen back once, counted once
     assert tracker.came_back == 1
     assert tracker.hot(69.9).tolist() == [False, False, False, True]
     assert not tracker.hot(70.0).any()  # protection over: tried again like any other chunk
-    resident[4 * MiB // PAGE_SIZE] = True  # chunk 2, evicted and still out, comes back later
-    assert tracker.update(resident, 80.0) == 1
+    resident[4 * MiB // PAGE_SIZE : 5 * MiB // PAGE_SIZE] = True  # chunk 2 comes back, in part
+    assert tracker.update(resident, 80.0) == 256
+    assert tracker.came_back == 2
     assert tracker.hot(80.0).tolist() == [False, False, True, False]
     with pytest.raises(InputError, match="3 chunks, tracker 4"):
         tracker.update(resident[: 6 * MiB // PAGE_SIZE], 81.0)

@@ -183,7 +183,7 @@ def set_swap_target(
     result, resident = _evict(host, vm, action, chunks, resident)
     notes = [result.message]
     if back:
-        notes.insert(0, f"{format_size(back * swapout.CHUNK)} came back since the last eviction")
+        notes.insert(0, f"{format_size(back * PAGE_SIZE)} came back since the last eviction")
     for _ in range(swapout.LIMIT_ROUNDS - 1):
         # the running guest may fault pages of the evicted chunks straight back (hot pages):
         # evict again from what is resident now, so the limit holds when this returns

@@ -54,9 +54,12 @@ from memvisor.model import (
     VMSpec,
 )
 from memvisor.sharing.sampler import Context
-from memvisor.units import PAGE_SIZE
+from memvisor.units import PAGE_SIZE, MiB, format_size
 
 SHARING_SAMPLES = 1000  # FACTS: within ~2 points of a full scan's shared fraction
+# a swap limit under the guest's working set: this much came back from the file in one tick
+THRASH_WARN = 16 * MiB
+THRASH_WARN_EVERY = 60.0  # seconds between two such events for one VM
 
 
 @dataclass
@@ -75,6 +78,7 @@ class RunningVM:
     sharing_ctx: Context | None = None  # memvisor.sharing sampling context, kept per VM
     sharing_hva: int | None = None  # the RAM address it was opened for
     refaults: swapout.RefaultTracker | None = None  # chunks the guest faulted back (swap-out)
+    thrash_warned: tuple[int, float] | None = None  # (limit, when) an event said it thrashes
 
     @property
     def spec(self) -> VMSpec:
@@ -106,7 +110,9 @@ class QemuHost:
         self._scope = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
         self._records: dict[str, VMRecord] = {}
         self._running: dict[str, RunningVM] = {}
-        self.events: list[str] = []  # what attach found: re-attached, crashed, cleaned
+        # what attach found (re-attached, crashed, cleaned) and what holding a VM's limits
+        # met later; a daemon takes them with drain_events() at every tick
+        self.events: list[str] = []
         # Functions that refine each VM's observation, e.g. with the guest agent's report:
         # ``host.observers.append(lambda o: replace(o, **observation_fields(report_of(o.name))))``
         self.observers: list[Callable[[VMObservation], VMObservation]] = []
@@ -286,14 +292,34 @@ class QemuHost:
             vm.record = vm.record.with_(swap_limit=limit)
             self._save(vm.record)
 
+    def drain_events(self) -> list[str]:
+        """The events since the last call (all of them at the first), oldest first."""
+        out, self.events = self.events, []
+        return out
+
     def _hold_swap_limit(self, vm: RunningVM) -> None:
         """A swap target is a standing limit (model.SetSwapTarget): pages the guest touched
         back in since the last tick are written back to its file again. Enforced once per
-        observation, i.e. once per control-loop tick; between ticks the guest may exceed it."""
+        observation, i.e. once per control-loop tick; between ticks the guest may exceed it.
+        When more than :data:`THRASH_WARN` came back since the last tick, the limit is under
+        the guest's working set (in 2 MiB chunks) and holds only at ticks: said in an event,
+        for one VM and limit at most once per :data:`THRASH_WARN_EVERY` seconds."""
         limit = vm.record.swap_limit
         if limit is None:
             return
         resident = hostmem.file_resident_pages(vm.process.paths.memory)
+        now = self.clock.now()
+        back = actions.refault_tracker(vm, resident).update(resident, now) * PAGE_SIZE
+        last = vm.thrash_warned
+        if back >= THRASH_WARN and (
+            last is None or last[0] != limit or now - last[1] >= THRASH_WARN_EVERY
+        ):
+            vm.thrash_warned = (limit, now)
+            self.events.append(
+                f"{vm.spec.name}: {format_size(back)} of its memory came back from its swap file "
+                f"since the last tick; the swap limit {format_size(limit)} is under the guest's "
+                "working set and holds only at each tick (docs/backends.md)"
+            )
         if int(resident.sum()) * PAGE_SIZE > max(limit, vm.spec.reservation) + swapout.LIMIT_SLACK:
             action = SetSwapTarget(vm.spec.name, limit)
             result = actions.set_swap_target(self, vm, action, resident)

@@ -160,16 +160,15 @@ class RefaultTracker:
             self.out[off // CHUNK : -(-(off + length) // CHUNK)] = True
 
     def update(self, resident: npt.NDArray[np.bool_], now: float) -> int:
-        """Note which evicted chunks are resident again; returns how many came back."""
+        """Note which evicted chunks are resident again; returns their resident pages."""
         per = chunk_resident(resident)
         if len(per) != len(self.out):
             raise InputError(f"residency map has {len(per)} chunks, tracker {len(self.out)}")
         back = self.out & (per > 0)
         self.back_at[back] = now
         self.out &= ~back
-        n = int(back.sum())
-        self.came_back += n
-        return n
+        self.came_back += int(back.sum())
+        return int(per[back].sum())
 
     def hot(self, now: float) -> npt.NDArray[np.bool_]:
         """Chunks seen back within the last ``protect`` seconds."""
