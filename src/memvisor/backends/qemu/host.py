@@ -78,7 +78,7 @@ class RunningVM:
     sharing_ctx: Context | None = None  # memvisor.sharing sampling context, kept per VM
     sharing_hva: int | None = None  # the RAM address it was opened for
     refaults: swapout.RefaultTracker | None = None  # chunks the guest faulted back (swap-out)
-    thrash_warned: tuple[int, float] | None = None  # (limit, when) an event said it thrashes
+    thrash_warned: float | None = None  # when an event said its standing swap limit thrashes
 
     @property
     def spec(self) -> VMSpec:
@@ -291,6 +291,8 @@ class QemuHost:
         if vm.record.swap_limit != limit:
             vm.record = vm.record.with_(swap_limit=limit)
             self._save(vm.record)
+        if limit is None:
+            vm.thrash_warned = None  # a limit set later may be warned about at once
 
     def drain_events(self) -> list[str]:
         """The events since the last call (all of them at the first), oldest first."""
@@ -303,7 +305,8 @@ class QemuHost:
         observation, i.e. once per control-loop tick; between ticks the guest may exceed it.
         When more than :data:`THRASH_WARN` came back since the last tick, the limit is under
         the guest's working set (in 2 MiB chunks) and holds only at ticks: said in an event,
-        for one VM and limit at most once per :data:`THRASH_WARN_EVERY` seconds."""
+        at most once per :data:`THRASH_WARN_EVERY` seconds per VM while it has a limit (the
+        scheduler moves a limit a little at a time: one event, not one per new value)."""
         limit = vm.record.swap_limit
         if limit is None:
             return
@@ -311,10 +314,8 @@ class QemuHost:
         now = self.clock.now()
         back = actions.refault_tracker(vm, resident).update(resident, now) * PAGE_SIZE
         last = vm.thrash_warned
-        if back >= THRASH_WARN and (
-            last is None or last[0] != limit or now - last[1] >= THRASH_WARN_EVERY
-        ):
-            vm.thrash_warned = (limit, now)
+        if back >= THRASH_WARN and (last is None or now - last >= THRASH_WARN_EVERY):
+            vm.thrash_warned = now
             self.events.append(
                 f"{vm.spec.name}: {format_size(back)} of its memory came back from its swap file "
                 f"since the last tick; the swap limit {format_size(limit)} is under the guest's "
