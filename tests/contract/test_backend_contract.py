@@ -305,12 +305,12 @@ def test_swap_target_is_a_standing_limit(backend: Harness, request: pytest.Fixtu
 
     The limit takes 32 MiB from what the VM holds after touching its memory (on QEMU 224-256 MiB
     here: the limit is then 192-224 MiB, above the working set the guest keeps touching, which
-    in 2 MiB chunks measured 164-176 MiB). An idle guest of
-    the e2e image touches pages in ~80 of its 128 2 MiB chunks every second (its allocator
-    cycles through free memory; docs/backends.md), and the host page cache brings each touched
-    chunk back whole: a limit under that holds on QEMU only at the instant of each tick, a race
-    this suite has lost (96 MiB measured 126 MiB once). Above it, the QEMU backend learns which
-    chunks come back and the limit stands between ticks too (tests/e2e/test_qemu_swap_limit.py).
+    in 2 MiB chunks measured 164-176 MiB). An idle guest of the e2e image touches pages in ~80
+    of its 128 2 MiB chunks every second (docs/backends.md), and the host page cache brings
+    each touched chunk back whole: a limit under that holds on QEMU only at the instant of each
+    tick, a race this suite has lost (96 MiB measured 126 MiB once). Above it, the QEMU backend
+    learns which chunks come back and the limit stands between ticks too
+    (tests/e2e/test_qemu_swap_limit.py).
     """
     known_deviation(request, backend, "standing-swap-limit")
     backend.fill(FILE_VM)

@@ -1,9 +1,9 @@
 """E2E: a standing swap limit on a real file-backed guest (TCG) stands between ticks too.
 
-An idle guest keeps touching pages in many of its 2 MiB chunks (its allocator cycles through
-its free memory), and the host page cache brings a touched chunk back whole. The QEMU backend
-holds a swap limit at every observation (a tick) and evicts last the chunks the guest faulted
-back after an eviction. Above the guest's working set the limit then stands between ticks as
+An idle guest keeps touching pages in many of its 2 MiB chunks (docs/backends.md), and the
+host page cache brings a touched chunk back whole. The QEMU backend holds a swap limit at
+every observation (a tick) and evicts last the chunks the guest faulted back after an
+eviction. Above the guest's working set the limit then stands between ticks as
 well: after the first ticks nothing comes back and there is nothing more to evict. (Evicting
 top-down every tick instead, the same hot chunks came back within a second of every hold:
 bench/bench_swap_hold.py.)
