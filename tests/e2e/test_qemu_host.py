@@ -157,7 +157,11 @@ def test_swap_out_64mib_to_the_vms_own_file(host: QemuHost) -> None:
     written = hostmem.pages_in_extents(hostmem.written_extents(path), len(resident))
     pages = [p for gpa, n in gpa_ranges for p in range(gpa // PAGE_SIZE, (gpa + n) // PAGE_SIZE)]
     still = sum(bool(resident[p]) for p in pages)
-    assert still * PAGE_SIZE < 8 * MiB, f"{still} buffer pages still resident"
+    # Page cache folios are 2 MiB, and each 2 MiB chunk of the buffer holds ~8 pages of other
+    # guest memory (504 of 512 pages are the buffer's): one touch of those (the buffer program
+    # polls for its next command) brings ~2 MiB of buffer pages back with it. 8.3 MiB of them
+    # were back once, a fraction of a second after the eviction (docs/backends.md).
+    assert still * PAGE_SIZE < 16 * MiB, f"{still} buffer pages still resident"
     assert all(written[p] for p in pages), "buffer pages are not in the VM's file"
     assert usage_before - cgroup_usage(host, "filevm") >= 48 * MiB, "host memory did not drop"
     assert Path("/proc/swaps").read_text() == swaps_before  # no host swap device was used
