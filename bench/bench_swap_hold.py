@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memvisor.backends.qemu import hostmem, swapout
+from memvisor.backends.qemu import actions, swapout
 from memvisor.backends.qemu.host import QemuHost
 from memvisor.guestimage import GuestImage, build_image
 from memvisor.model import Backing, SetSwapTarget, VMSpec
@@ -46,19 +46,14 @@ def run_one(image: GuestImage, work: Path, limit: int, protect: float, ticks: in
     host.power_on(spec)
     try:
         vm = host.running(spec.name)
-        path = vm.process.paths.memory
-
-        def resident() -> int:
-            return int(hostmem.file_resident_pages(path).sum()) * PAGE_SIZE
-
         fill_guest(vm.process.paths.shell)
-        vm.refaults = swapout.RefaultTracker(len(swapout.chunk_resident(
-            hostmem.file_resident_pages(path))), protect=protect)  # fmt: skip
+        nchunks = swapout.chunk_count(spec.memory // PAGE_SIZE)
+        vm.refaults = swapout.RefaultTracker(nchunks, protect=protect)
         assert host.apply(SetSwapTarget(spec.name, limit)).ok
         between, at = [], []
         for _ in range(ticks):
             time.sleep(1.0)
-            between.append(resident())
+            between.append(actions.consumed(host, vm))  # read without holding the limit
             at.append(host.observe_vm(spec.name, sharing=False).consumed)
         return {
             "excess": [max(0, b - limit) / MiB for b in between[SETTLED:]],

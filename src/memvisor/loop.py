@@ -131,8 +131,9 @@ class ControlLoop:
         except Exception as exc:  # isolation: a failed observation skips this tick only
             return self._skip("observe", exc)
         self._record_power_changes(snapshot.vms)
-        if self.events is not None:
-            self._guard("backend events", lambda: self._record_events(snapshot))
+        drain = self.events
+        if drain is not None:
+            self._guard("backend events", lambda: self._record_events(drain(), snapshot))
         estimator = self._estimator
         if self._history_pending:
             self._history_pending = False
@@ -160,10 +161,9 @@ class ControlLoop:
         vms = self.backend.observe_vms()
         return Snapshot(host=host, specs=tuple(specs), vms=tuple(vms))
 
-    def _record_events(self, snapshot: Snapshot) -> None:
-        assert self.events is not None
+    def _record_events(self, messages: list[str], snapshot: Snapshot) -> None:
         names = {v.name for v in snapshot.vms}
-        for message in self.events():
+        for message in messages:
             vm = message.split(":", 1)[0]
             self.store.record_event("backend.event", message, vm=vm if vm in names else None)
 

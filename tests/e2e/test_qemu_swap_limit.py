@@ -17,11 +17,11 @@ from collections.abc import Iterator
 import pytest
 
 from guestfill import fill_guest
-from memvisor.backends.qemu import hostmem, swapout
+from memvisor.backends.qemu import actions, swapout
 from memvisor.backends.qemu.host import QemuHost
 from memvisor.guestimage import GuestImage
 from memvisor.model import Backing, PowerState, SetSwapTarget, VMSpec
-from memvisor.units import PAGE_SIZE, MiB, format_size
+from memvisor.units import MiB, format_size
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 VM = "swapvm"
@@ -47,8 +47,7 @@ def host(
 
 def resident(host: QemuHost) -> int:
     """What the VM has resident now, read from its file without holding the limit."""
-    path = host.running(VM).process.paths.memory
-    return int(hostmem.file_resident_pages(path).sum()) * PAGE_SIZE
+    return actions.consumed(host, host.running(VM))
 
 
 def test_a_limit_above_the_working_set_stands_between_ticks(host: QemuHost) -> None:

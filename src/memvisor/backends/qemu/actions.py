@@ -265,7 +265,7 @@ def _evict(
 
 def refault_tracker(vm: RunningVM, resident: npt.NDArray[np.bool_]) -> swapout.RefaultTracker:
     """The VM's :class:`swapout.RefaultTracker` (made on first use, sized by its file)."""
-    nchunks = len(swapout.chunk_resident(resident))
+    nchunks = swapout.chunk_count(len(resident))
     if vm.refaults is None or len(vm.refaults.out) != nchunks:
         vm.refaults = swapout.RefaultTracker(nchunks)
     return vm.refaults

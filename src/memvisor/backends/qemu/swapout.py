@@ -87,12 +87,19 @@ def pc_file_spans(gpa: int, length: int, memory: int) -> list[tuple[int, int]]:
     return spans
 
 
+def chunk_count(npages: int) -> int:
+    """2 MiB chunks that cover ``npages`` pages (the last one may be short)."""
+    return -(-npages // CHUNK_PAGES)
+
+
 def chunk_resident(resident: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
     """Resident pages per 2 MiB chunk of a file's residency map (the last chunk may be short)."""
     npages = len(resident)
-    nchunks = -(-npages // CHUNK_PAGES)
-    padded = np.zeros(nchunks * CHUNK_PAGES, dtype=bool)
-    padded[:npages] = resident
+    nchunks = chunk_count(npages)
+    padded = resident
+    if npages != nchunks * CHUNK_PAGES:  # guest RAM is a whole number of chunks: no copy then
+        padded = np.zeros(nchunks * CHUNK_PAGES, dtype=bool)
+        padded[:npages] = resident
     counts: npt.NDArray[np.int64] = padded.reshape(nchunks, CHUNK_PAGES).sum(axis=1, dtype=np.int64)
     return counts
 
