@@ -25,8 +25,9 @@ from memvisor.units import MiB, format_size
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 VM = "swapvm"
-# the idle guest's working set in 2 MiB chunks measured 164-176 MiB of 256 (docs/backends.md)
-LIMIT = 208 * MiB
+# the idle guest's working set in 2 MiB chunks measured 164-176 MiB of 256 (docs/backends.md),
+# and once, in a full suite run, 214-216 MiB (a 208 MiB limit then never stood)
+LIMIT = 224 * MiB
 STANDING = 3  # ticks in a row the limit must stand through between ticks
 MAX_TICKS = 20
 
@@ -53,7 +54,15 @@ def resident(host: QemuHost) -> int:
 def test_a_limit_above_the_working_set_stands_between_ticks(host: QemuHost) -> None:
     vm = host.running(VM)
     fill_guest(vm.process.paths.shell)
-    assert resident(host) >= LIMIT + 32 * MiB  # there is something to swap out
+    assert resident(host) >= LIMIT + 16 * MiB  # there is something to swap out
+    try:
+        check_stands(host)
+    finally:  # lifted, so the next test starts without a limit (and without a warning sent)
+        assert host.apply(SetSwapTarget(VM, 256 * MiB)).ok
+
+
+def check_stands(host: QemuHost) -> None:
+    vm = host.running(VM)
     result = host.apply(SetSwapTarget(VM, LIMIT))
     assert result.ok, result.message
     between: list[int] = []
@@ -74,7 +83,6 @@ def test_a_limit_above_the_working_set_stands_between_ticks(host: QemuHost) -> N
     # once the hot chunks are known and kept, the limit stands between ticks: it took 1-6
     # ticks in the runs measured; top-down, the guest took 28-36 MiB back at every tick
     assert standing == STANDING, between
-    assert host.apply(SetSwapTarget(VM, 256 * MiB)).ok
 
 
 def test_a_limit_under_the_working_set_is_said_to_hold_only_at_ticks(host: QemuHost) -> None:
@@ -84,14 +92,16 @@ def test_a_limit_under_the_working_set_is_said_to_hold_only_at_ticks(host: QemuH
     vm = host.running(VM)
     fill_guest(vm.process.paths.shell)
     host.drain_events()
-    assert host.apply(SetSwapTarget(VM, 96 * MiB)).ok
-    for tick in range(4):
-        if tick == 2:  # the scheduler moves a limit a little at a time: still one event
-            assert host.apply(SetSwapTarget(VM, 100 * MiB)).ok
-        time.sleep(1.0)
-        host.observe_vm(VM, sharing=False)
+    try:
+        assert host.apply(SetSwapTarget(VM, 96 * MiB)).ok
+        for tick in range(4):
+            if tick == 2:  # the scheduler moves a limit a little at a time: still one event
+                assert host.apply(SetSwapTarget(VM, 100 * MiB)).ok
+            time.sleep(1.0)
+            host.observe_vm(VM, sharing=False)
+    finally:
+        assert host.apply(SetSwapTarget(VM, 256 * MiB)).ok
     events = host.drain_events()
     print(events)
     warned = [e for e in events if e.startswith(f"{VM}: ") and "under the guest's working" in e]
     assert len(warned) == 1, events
-    assert host.apply(SetSwapTarget(VM, 256 * MiB)).ok
